@@ -1,0 +1,6 @@
+"""Asynchronous Orbax checkpoints of train state, data position and config."""
+
+from checkpoint.compat import config_diff, model_mismatch
+from checkpoint.manager import Checkpointer, CheckpointError, Restored
+
+__all__ = ["CheckpointError", "Checkpointer", "Restored", "config_diff", "model_mismatch"]

@@ -1,0 +1,17 @@
+"""Typed run configuration: schema, presets, and resolution of files and overrides."""
+
+from configs.resolve import ConfigError, from_dict, load, to_dict, to_json, validate
+from configs.schema import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "MeshConfig", "ModelConfig",
+    "OptimConfig", "TrainConfig", "from_dict", "load", "to_dict", "to_json", "validate",
+]

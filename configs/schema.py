@@ -1,0 +1,149 @@
+"""Typed configuration schema: every knob of a run, with its meaning.
+
+Configs are frozen dataclasses so a resolved config can be hashed, compared,
+printed and saved with every checkpoint without anyone mutating it mid-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Logical axis name -> mesh axes it is split over. The only place in the project
+# that connects the model's logical names to the physical mesh axes.
+DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", ()),
+    ("embed", ("fsdp",)),
+    ("vocab", ("tensor",)),
+    ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),
+    ("head_dim", ()),
+    ("mlp", ("tensor",)),
+    ("norm", ()),
+)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the decoder-only transformer (Llama style)."""
+
+    vocab_size: int = 320
+    """Rows of the embedding table; at least the tokenizer's vocabulary, padded for sharding."""
+    embed_dim: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 4
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Query heads per attention layer."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention); must divide num_heads."""
+    head_dim: int = 32
+    """Width of one attention head."""
+    mlp_dim: int = 384
+    """Hidden width of the SwiGLU MLP."""
+    rope_theta: float = 10000.0
+    """Base wavelength of the rotary position embedding."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialiser of weight matrices."""
+    dtype: str = "float32"
+    """Compute dtype of activations (parameters are always float32)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where training text comes from and how it is cut into rows."""
+
+    path: str = ""
+    """Directory (or file) of .txt / .jsonl documents; empty means the embedded default corpus."""
+    jsonl_field: str = "text"
+    """Field that holds the document text in .jsonl files."""
+    seq_len: int = 128
+    """Tokens per training row (the model sees seq_len inputs and predicts seq_len targets)."""
+    eval_fraction: float = 0.05
+    """Fraction of documents held out for evaluation (every round(1/f)-th document)."""
+    read_threads: int = 2
+    """Grain threads that build rows and batches ahead of the step."""
+    prefetch_batches: int = 4
+    """Batches Grain keeps ready ahead of the step."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh and the logical-to-mesh sharding rules."""
+
+    data: int = -1
+    """Data-parallel axis size; -1 means all devices not used by the other axes."""
+    fsdp: int = 1
+    """Fully-sharded data-parallel axis size (parameters and optimizer state split)."""
+    tensor: int = 1
+    """Tensor-parallel axis size (heads, mlp and vocab split)."""
+    rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RULES
+    """Logical axis name -> mesh axes; a name missing here is replicated."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup, cosine decay and global-norm clipping."""
+
+    learning_rate: float = 3e-3
+    """Peak learning rate reached at the end of warmup."""
+    warmup_steps: int = 30
+    """Steps of linear warmup from zero."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine decay, as a fraction of the peak."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay applied to matrices (not to norm scales)."""
+    beta1: float = 0.9
+    """Adam first-moment decay."""
+    beta2: float = 0.95
+    """Adam second-moment decay."""
+    grad_clip: float = 1.0
+    """Clip gradients to this global norm; 0 disables clipping."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Length and rhythm of the training loop."""
+
+    steps: int = 300
+    """Total optimizer steps of the run (the schedule spans these)."""
+    batch_size: int = 16
+    """Global batch size in rows; must divide evenly over the data and fsdp axes."""
+    log_every: int = 10
+    """Print a log line every this many steps."""
+    eval_batches: int = 8
+    """Held-out batches evaluated at the end of the run."""
+    stop_after: int = 0
+    """Stop this invocation after this many steps (0: run to `steps`); for time-sliced jobs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing of train state, data position and config."""
+
+    every: int = 100
+    """Save every this many steps (0: only at the end)."""
+    keep: int = 3
+    """Keep the last this many checkpoints."""
+    async_save: bool = True
+    """Write checkpoints in the background while training continues."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    seed: int = 0
+    """Seeds parameter initialisation and the data shuffle."""
+    run_dir: str = "runs/tiny"
+    """Checkpoints and logs go here; a run started again in the same directory resumes."""

@@ -1,0 +1,19 @@
+"""Tokenizers, raw corpora, and the Grain training pipeline."""
+
+from input.corpus import DataError, default_corpus, load_documents
+from input.pipeline import (
+    PackedRows,
+    Splits,
+    eval_batches,
+    make_splits,
+    token_stream,
+    train_dataset,
+    train_iterator,
+)
+from input.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
+
+__all__ = [
+    "ByteTokenizer", "DataError", "PackedRows", "Splits", "Tokenizer", "default_corpus",
+    "eval_batches", "get_tokenizer", "load_documents", "make_splits", "token_stream",
+    "train_dataset", "train_iterator",
+]

@@ -1,0 +1,74 @@
+"""Raw documents: the embedded default corpus, or a user's .txt / .jsonl files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".txt", ".jsonl")
+
+
+class DataError(ValueError):
+    """Input data is missing, empty or malformed."""
+
+
+def default_corpus() -> list[str]:
+    """Python's bundled documentation topics (~465 KB of English), present on every machine."""
+    from pydoc_data.topics import topics
+    return [topics[key] for key in sorted(topics)]
+
+
+def load_documents(path: str, jsonl_field: str = "text") -> list[str]:
+    """Documents from `path` (a file or a directory searched recursively); '' is the default."""
+    if not path:
+        return default_corpus()
+    root = pathlib.Path(path)
+    if not root.exists():
+        raise DataError(f"data.path {path!r} does not exist")
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+    if not files:
+        raise DataError(f"data.path {path!r} holds no {' or '.join(SUFFIXES)} files")
+    documents = []
+    for file in files:
+        documents += _read_file(file, jsonl_field)
+    documents = [d for d in documents if d]
+    if not documents:
+        raise DataError(f"data.path {path!r}: every document is empty")
+    return documents
+
+
+def _read_text(file: pathlib.Path) -> str:
+    raw = file.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad:
+        log.warning("%s: replaced %d undecodable byte sequence(s) with U+FFFD", file, bad)
+    return text
+
+
+def _read_file(file: pathlib.Path, field: str) -> list[str]:
+    if file.suffix not in SUFFIXES:
+        raise DataError(f"{file}: unsupported file type (expected {' or '.join(SUFFIXES)})")
+    text = _read_text(file)
+    if file.suffix == ".txt":
+        return [text]
+    documents, missing = [], 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{file}:{number}: not valid JSON ({e.msg})") from e
+        value = record.get(field) if isinstance(record, dict) else None
+        if isinstance(value, str):
+            documents.append(value)
+        else:
+            missing += 1
+    if missing:
+        log.warning("%s: skipped %d line(s) without a string field %r", file, missing, field)
+    return documents

@@ -1,0 +1,114 @@
+"""The Grain pipeline: documents -> packed fixed-length rows -> shuffled, batched, prefetched.
+
+Documents are joined into one token stream with an end-of-document id after
+each, and cut into rows of seq_len + 1 tokens that overlap by one, so every
+token is an input once and a target once per epoch. The last row is padded
+and its padding carries zero loss weight.
+
+The global batch at step k is a pure function of (rows, seed, k): rows are
+shuffled per epoch, grouped into per-process slices of the global batch, and
+process p takes every P-th slice. Changing the number of processes changes
+which process reads a row, never which rows form a batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+
+from configs.schema import DataConfig
+from input.corpus import DataError, load_documents
+from input.tokenizer import Tokenizer
+
+Batch = dict[str, np.ndarray]
+
+
+class PackedRows:
+    """Random access to fixed-length rows cut from a token stream (a Grain data source)."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int, pad_id: int):
+        if len(stream) < 2:
+            raise DataError("the token stream has fewer than 2 tokens; nothing to train on")
+        self.stream = stream
+        self.seq_len = seq_len
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return -(-(len(self.stream) - 1) // self.seq_len)
+
+    def __getitem__(self, index: int) -> Batch:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range [0, {len(self)})")
+        start = index * self.seq_len
+        chunk = self.stream[start:start + self.seq_len + 1]
+        row = np.full(self.seq_len + 1, self.pad_id, dtype=np.int32)
+        row[:len(chunk)] = chunk
+        weights = np.zeros(self.seq_len, dtype=np.float32)
+        weights[:len(chunk) - 1] = 1.0
+        return {"inputs": row[:-1], "targets": row[1:], "weights": weights}
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    train: PackedRows
+    eval: PackedRows
+
+
+def token_stream(documents: list[str], tokenizer: Tokenizer) -> np.ndarray:
+    """All documents as one int32 stream, each followed by the end-of-document id."""
+    eos = np.array([tokenizer.eos_id], dtype=np.int32)
+    parts = []
+    for doc in documents:
+        parts += [tokenizer.encode(doc).astype(np.int32), eos]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+def make_splits(cfg: DataConfig, tokenizer: Tokenizer) -> Splits:
+    """Train and held-out rows: every round(1/eval_fraction)-th document is held out.
+
+    With too few documents for that, the last eval_fraction of the token stream
+    is held out instead.
+    """
+    documents = load_documents(cfg.path, cfg.jsonl_field)
+    every = max(2, round(1 / cfg.eval_fraction))
+    held_out = documents[::every]
+    kept = [d for i, d in enumerate(documents) if i % every]
+    if held_out and kept:
+        train, heldout = token_stream(kept, tokenizer), token_stream(held_out, tokenizer)
+    else:
+        stream = token_stream(documents, tokenizer)
+        cut = len(stream) - max(2, int(len(stream) * cfg.eval_fraction))
+        train, heldout = stream[:cut], stream[cut:]
+    return Splits(PackedRows(train, cfg.seq_len, tokenizer.pad_id),
+                  PackedRows(heldout, cfg.seq_len, tokenizer.pad_id))
+
+
+def train_dataset(rows: PackedRows, *, seed: int, global_batch: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.MapDataset:
+    """This process's batches, in step order: element k is its share of global batch k."""
+    if global_batch % process_count:
+        raise ValueError(
+            f"train.batch_size ({global_batch}) must divide over {process_count} processes")
+    local_batch = global_batch // process_count
+    ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    return ds[process_index::process_count]
+
+
+def train_iterator(ds: grain.MapDataset, cfg: DataConfig) -> grain.DatasetIterator:
+    """Iterate with Grain threads building batches ahead; `get_state()` is the data position."""
+    options = grain.ReadOptions(num_threads=cfg.read_threads,
+                                prefetch_buffer_size=cfg.prefetch_batches)
+    return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(rows: PackedRows, batch_size: int, max_batches: int) -> Iterator[Batch]:
+    """Held-out rows in order; a short last batch is filled with zero-weight rows."""
+    for first in range(0, min(len(rows), batch_size * max_batches), batch_size):
+        picked = [rows[i] for i in range(first, min(first + batch_size, len(rows)))]
+        filler = {k: np.zeros_like(v) for k, v in picked[0].items()}
+        picked += [filler] * (batch_size - len(picked))
+        yield {k: np.stack([row[k] for row in picked]) for k in picked[0]}

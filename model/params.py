@@ -1,0 +1,52 @@
+"""Parameters as plain nested dicts of arrays, the form jit, optax and Orbax all handle.
+
+The NNX module is rebuilt from its graph definition inside the jitted step
+(`merge`), so the train state is an ordinary pytree with no Flax objects in it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+from flax import nnx
+
+from configs.schema import ModelConfig
+from model.transformer import Transformer
+
+Params = dict[str, Any]
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and abstract (shape-only) state, with metadata, of the model."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
+    return nnx.split(model)
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """ShapeDtypeStructs of every parameter, as a nested dict."""
+    return nnx.to_pure_dict(_abstract(cfg)[1])
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+    """The logical axis names of every parameter, in the same nested-dict layout."""
+    state = _abstract(cfg)[1]
+    axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(axes)
+
+
+def init_params(cfg: ModelConfig, seed: int) -> Params:
+    """Freshly initialised parameters (call under jit to create them already sharded)."""
+    _, state = nnx.split(Transformer(cfg, nnx.Rngs(params=seed)))
+    return nnx.to_pure_dict(state)
+
+
+def merge(cfg: ModelConfig, params: Params) -> Transformer:
+    """The NNX module with these parameter values."""
+    graphdef, abstract_state = _abstract(cfg)
+    state = jax.tree.map(lambda x: x, abstract_state)  # a copy we may fill in
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,10 @@
+"""Mesh construction, logical->mesh sharding rules, and global batch assembly."""
+
+from sharding.batch import batch_sharding, batch_ways, to_global
+from sharding.mesh import MeshError, make_mesh, mesh_shape
+from sharding.rules import constrain, logical_to_spec, named_sharding, tree_shardings, use_rules
+
+__all__ = [
+    "MeshError", "batch_sharding", "batch_ways", "constrain", "logical_to_spec", "make_mesh",
+    "mesh_shape", "named_sharding", "to_global", "tree_shardings", "use_rules",
+]

@@ -1,0 +1,31 @@
+"""Per-process host batches -> global jax.Arrays laid out on the mesh."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from sharding.rules import Rules, logical_to_spec
+
+BATCH_AXES = ("batch", "length")
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+    """Rows split over the batch mesh axes, tokens of a row kept together."""
+    return NamedSharding(mesh, logical_to_spec(BATCH_AXES, rules))
+
+
+def batch_ways(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the batch dimension is split over the mesh."""
+    spec = logical_to_spec(BATCH_AXES, rules)[0]
+    names = (spec,) if isinstance(spec, str) else (spec or ())
+    return int(np.prod([mesh.shape[a] for a in names]))
+
+
+def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, Any]:
+    """Assemble each process's rows into global arrays (no cross-host copy)."""
+    return {name: jax.make_array_from_process_local_data(sharding, rows)
+            for name, rows in local_batch.items()}

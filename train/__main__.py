@@ -1,0 +1,36 @@
+"""`python -m train [--config PRESET_OR_FILE] [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import checkpoint
+import configs
+import input as data_input
+import sharding
+from train.loop import run
+
+USER_ERRORS = (configs.ConfigError, data_input.DataError, sharding.MeshError,
+               checkpoint.CheckpointError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train", description="Train a decoder-only language model.")
+    parser.add_argument("--config", default=None,
+                        help="preset name or JSON config file (default: tiny)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="override config fields, e.g. model.num_layers=2 train.steps=50")
+    args = parser.parse_args(argv)
+    try:
+        config = configs.load(args.config, args.overrides)
+        run(config)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

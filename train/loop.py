@@ -1,0 +1,216 @@
+"""`run(config)`: the training loop, importable from a notebook or called by `python -m train`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+import checkpoint
+import configs
+import input as data_input
+import sharding
+from configs.schema import Config
+from train import state as train_state
+from train.optimizer import lr_schedule, make_optimizer
+from train.step import eval_step, train_step
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a run leaves behind for its caller."""
+
+    state: train_state.TrainState
+    start_step: int
+    final_step: int
+    losses: dict[int, float]
+    eval_loss: float | None
+
+
+@dataclasses.dataclass
+class _Meter:
+    """Host-side timing between log lines (the device is never waited on for it)."""
+
+    last_time: float
+    last_step: int
+    data_wait: float = 0.0
+
+    def interval(self, step: int, now: float) -> tuple[float, int, float]:
+        elapsed, steps, wait = now - self.last_time, step - self.last_step, self.data_wait
+        self.last_time, self.last_step, self.data_wait = now, step, 0.0
+        return elapsed, steps, wait
+
+
+def say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def run(config: Config) -> RunResult:
+    """Train (or resume) the run described by `config`; returns the final state and losses."""
+    config = configs.validate(config)
+    say(f"config:\n{configs.to_json(config)}")
+    mesh = sharding.make_mesh(config.mesh)
+    tokenizer = data_input.get_tokenizer()
+    _check_fits(config, mesh, tokenizer)
+    splits = data_input.make_splits(config.data, tokenizer)
+    say(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
+        f"data: {len(splits.train)} train rows, {len(splits.eval)} held-out rows "
+        f"of {config.data.seq_len} tokens")
+
+    tx = make_optimizer(config.optim, config.train.steps)
+    shardings = train_state.state_shardings(config, mesh, tx)
+    ckpt = checkpoint.Checkpointer(pathlib.Path(config.run_dir) / CHECKPOINT_SUBDIR,
+                                   config.checkpoint)
+    try:
+        state, position = _restore_or_init(config, ckpt, tx, shardings)
+        start = int(state.step)
+        dataset = data_input.train_dataset(
+            splits.train, seed=config.seed, global_batch=config.train.batch_size,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        batches = data_input.train_iterator(dataset, config.data)
+        batches.set_state(position)
+        state, losses = _train(config, mesh, tx, shardings, state, batches, ckpt)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    eval_loss = _evaluate(config, mesh, shardings.params, state.params, splits.eval)
+    return RunResult(state, start, int(state.step), losses, eval_loss)
+
+
+def _check_fits(config: Config, mesh: jax.sharding.Mesh, tokenizer: Any) -> None:
+    if config.model.vocab_size < tokenizer.vocab_size:
+        raise configs.ConfigError(
+            f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer.vocab_size})")
+    ways = sharding.batch_ways(mesh, config.mesh.rules) * 1
+    if config.train.batch_size % ways:
+        raise configs.ConfigError(
+            f"train.batch_size ({config.train.batch_size}) must be a multiple of the {ways} ways "
+            f"the batch is split over the mesh {dict(mesh.shape)}")
+
+
+def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
+                     shardings: train_state.TrainState) -> tuple[Any, dict[str, Any]]:
+    """The latest checkpoint if the run directory has one, else a fresh state."""
+    step = ckpt.latest_step()
+    if step is None:
+        init = jax.jit(functools.partial(train_state.init_state, config, tx),
+                       out_shardings=shardings)
+        return init(), {"next_index": 0}
+    current = configs.to_dict(config)
+    saved = ckpt.read_config(step)
+    mismatch = checkpoint.model_mismatch(saved, current)
+    if mismatch:
+        raise checkpoint.CheckpointError(
+            f"checkpoint step {step} in {ckpt.directory} was written for a different model; "
+            "differing fields:\n  " + "\n  ".join(mismatch))
+    for line in checkpoint.config_diff(saved, current):
+        say(f"note: config differs from checkpoint: {line}")
+    target = train_state.with_shardings(train_state.abstract_state(config, tx), shardings)
+    restored = ckpt.restore(step, target)
+    say(f"resumed from checkpoint step {step} in {ckpt.directory}")
+    return restored.state, restored.data_position
+
+
+def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
+                        shardings: train_state.TrainState, state: Any) -> Any:
+    """Ahead-of-time compiled step: explicit in/out shardings, the state donated."""
+    batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    schedule = lr_schedule(config.optim, config.train.steps)
+
+    def step_fn(state, batch):
+        with sharding.use_rules(mesh, config.mesh.rules):
+            return train_step(state, batch, cfg=config.model, tx=tx, schedule=schedule)
+
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                     out_shardings=(shardings, replicated), donate_argnums=0)
+    rows, seq = config.train.batch_size, config.data.seq_len
+    batch_shapes = {
+        "inputs": jax.ShapeDtypeStruct((rows, seq), np.int32, sharding=batch_sharding),
+        "targets": jax.ShapeDtypeStruct((rows, seq), np.int32, sharding=batch_sharding),
+        "weights": jax.ShapeDtypeStruct((rows, seq), np.float32, sharding=batch_sharding),
+    }
+    started = time.perf_counter()
+    compiled = jitted.lower(state, batch_shapes).compile()
+    say(f"compiled train step in {time.perf_counter() - started:.1f} s")
+    return compiled
+
+
+def _train(config: Config, mesh: jax.sharding.Mesh, tx: Any, shardings: Any, state: Any,
+           batches: Any, ckpt: checkpoint.Checkpointer) -> tuple[Any, dict[int, float]]:
+    """The step loop. Metrics of step k are fetched after step k+1 is dispatched."""
+    start = int(state.step)
+    end = config.train.steps
+    if config.train.stop_after:
+        end = min(end, start + config.train.stop_after)
+    if start >= end:
+        say(f"nothing to train: checkpoint is at step {start}, run ends at {end}")
+        return state, {}
+    step_fn = _compile_train_step(config, mesh, tx, shardings, state)
+    batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
+    saved_config = configs.to_dict(config)
+    losses: dict[int, float] = {}
+    meter = _Meter(time.perf_counter(), start)
+    pending = None
+    for step in range(start, end):
+        waited = time.perf_counter()
+        batch = sharding.to_global(next(batches), batch_sharding)
+        meter.data_wait += time.perf_counter() - waited
+        state, metrics = step_fn(state, batch)
+        if pending is not None:
+            _report(config, *pending, meter, losses)
+        pending = (step + 1, metrics)
+        if ckpt.should_save(step + 1) or step + 1 == end:
+            ckpt.save(step + 1, state, batches.get_state(), saved_config)
+    _report(config, *pending, meter, losses, force=True)
+    return state, losses
+
+
+def _report(config: Config, step: int, metrics: dict[str, jax.Array], meter: _Meter,
+            losses: dict[int, float], force: bool = False) -> None:
+    if not (force or step % config.train.log_every == 0):
+        return
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(values["loss"]):
+        raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping the run")
+    losses[step] = values["loss"]
+    elapsed, steps, wait = meter.interval(step, time.perf_counter())
+    tokens = steps * config.train.batch_size * config.data.seq_len
+    say(f"step {step:6d} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
+        f"grad norm {values['grad_norm']:.3f} | {tokens / max(elapsed, 1e-9):,.0f} tok/s | "
+        f"step {1e3 * elapsed / max(steps, 1):.1f} ms | data wait "
+        f"{1e3 * wait / max(steps, 1):.2f} ms ({100 * wait / max(elapsed, 1e-9):.1f}%)")
+
+
+def _evaluate(config: Config, mesh: jax.sharding.Mesh, param_shardings: Any, params: Any,
+              rows: data_input.PackedRows) -> float | None:
+    """Mean held-out loss over up to train.eval_batches batches."""
+    if config.train.eval_batches == 0 or len(rows) == 0:
+        return None
+    batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
+
+    def step_fn(params, batch):
+        with sharding.use_rules(mesh, config.mesh.rules):
+            return eval_step(params, batch, cfg=config.model)
+
+    evaluate = jax.jit(step_fn, in_shardings=(param_shardings, batch_sharding))
+    loss_sum = tokens = 0.0
+    for batch in data_input.eval_batches(rows, config.train.batch_size,
+                                         config.train.eval_batches):
+        out = jax.device_get(evaluate(params, sharding.to_global(batch, batch_sharding)))
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    loss = loss_sum / max(tokens, 1.0)
+    say(f"eval: held-out loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f} | "
+        f"{int(tokens):,} tokens")
+    return loss
