@@ -54,15 +54,19 @@ def say(message: str) -> None:
         print(message, flush=True)
 
 
-def run(config: Config) -> RunResult:
-    """Train (or resume) the run described by `config`; returns the final state and losses."""
+def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
+    """Train (or resume) the run described by `config`; returns the final state and losses.
+
+    `devices` defaults to all devices; the mesh in `config.mesh` is laid over them.
+    """
     config = configs.validate(config)
     say(f"config:\n{configs.to_json(config)}")
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     tokenizer = data_input.get_tokenizer()
     _check_fits(config, mesh, tokenizer)
     splits = data_input.make_splits(config.data, tokenizer)
-    say(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s); "
+    platform = mesh.devices.flat[0].platform
+    say(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {platform} device(s); "
         f"data: {len(splits.train)} train rows, {len(splits.eval)} held-out rows "
         f"of {config.data.seq_len} tokens")
 
@@ -91,7 +95,7 @@ def _check_fits(config: Config, mesh: jax.sharding.Mesh, tokenizer: Any) -> None
         raise configs.ConfigError(
             f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
             f"vocabulary ({tokenizer.vocab_size})")
-    ways = sharding.batch_ways(mesh, config.mesh.rules) * 1
+    ways = sharding.batch_ways(mesh, config.mesh.rules)
     if config.train.batch_size % ways:
         raise configs.ConfigError(
             f"train.batch_size ({config.train.batch_size}) must be a multiple of the {ways} ways "
@@ -178,7 +182,7 @@ def _train(config: Config, mesh: jax.sharding.Mesh, tx: Any, shardings: Any, sta
 
 def _report(config: Config, step: int, metrics: dict[str, jax.Array], meter: _Meter,
             losses: dict[int, float], force: bool = False) -> None:
-    if not (force or step % config.train.log_every == 0):
+    if not (force or step == 1 or step % config.train.log_every == 0):
         return
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not math.isfinite(values["loss"]):

@@ -27,7 +27,7 @@ def train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig,
     (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, cfg)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step)}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -1,0 +1,34 @@
+"""Eight fake CPU devices for every test, set before JAX is first imported."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# The repository root, so tests import the packages whether or not they are installed.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from configs import Config, load  # noqa: E402
+
+# Tiny shapes: every test compiles in a second or two on 2 cores.
+TINY_OVERRIDES = [
+    "model.vocab_size=264", "model.embed_dim=32", "model.num_layers=2", "model.num_heads=4",
+    "model.num_kv_heads=2", "model.head_dim=8", "model.mlp_dim=64", "data.seq_len=32",
+    "train.batch_size=8", "train.steps=6", "train.log_every=2", "train.eval_batches=2",
+    "optim.warmup_steps=2", "checkpoint.every=3",
+]
+
+
+def tiny_config(*overrides: str) -> Config:
+    """The tiny preset shrunk for tests, with extra `key=value` overrides."""
+    return load("tiny", TINY_OVERRIDES + list(overrides))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS)"

@@ -1,0 +1,55 @@
+import jax
+import numpy as np
+import pytest
+
+import configs
+from checkpoint import Checkpointer, CheckpointError, config_diff
+from conftest import tiny_config
+from sharding import make_mesh
+from train import run
+from train.optimizer import make_optimizer
+from train.state import abstract_state, init_state, state_shardings, with_shardings
+
+
+def _state(config, devices=None):
+    mesh = make_mesh(config.mesh, devices)
+    tx = make_optimizer(config.optim, config.train.steps)
+    shardings = state_shardings(config, mesh, tx)
+    state = jax.jit(lambda: init_state(config, tx), out_shardings=shardings)()
+    return state, tx, shardings
+
+
+def test_state_written_on_fsdp8_restores_onto_other_meshes(tmp_path):
+    written = tiny_config("mesh.data=1", "mesh.fsdp=8", "model.embed_dim=64")
+    state, tx, _ = _state(written)
+    ckpt = Checkpointer(tmp_path, written.checkpoint)
+    ckpt.save(7, state, {"next_index": 7}, configs.to_dict(written))
+    ckpt.wait()
+    for layout, devices in [(("mesh.data=2", "mesh.tensor=2"), jax.devices()[:4]),
+                            (("mesh.data=1",), jax.devices()[:1])]:
+        target_cfg = tiny_config("model.embed_dim=64", *layout)
+        _, tx, shardings = _state(target_cfg, devices)
+        target = with_shardings(abstract_state(target_cfg, tx), shardings)
+        restored = ckpt.restore(ckpt.latest_step(), target)
+        assert restored.step == 7 and restored.data_position == {"next_index": 7}
+        assert restored.config["model"]["embed_dim"] == 64
+        for a, b, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(restored.state),
+                                  jax.tree.leaves(shardings), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert b.sharding == sharding
+    ckpt.close()
+
+
+def test_config_diff_names_each_differing_field():
+    saved = configs.to_dict(tiny_config())
+    current = configs.to_dict(tiny_config("model.num_layers=3", "train.steps=9"))
+    assert config_diff(saved, current) == [
+        "model.num_layers: checkpoint 2, config 3", "train.steps: checkpoint 6, config 9"]
+
+
+def test_resume_with_a_different_model_is_refused_naming_fields(tmp_path):
+    run(tiny_config(f"run_dir={tmp_path}", "train.steps=2", "train.eval_batches=0"))
+    changed = tiny_config(f"run_dir={tmp_path}", "train.steps=4", "model.mlp_dim=96")
+    expected = r"(?s)step 2.*model\.mlp_dim: checkpoint 64, config 96"
+    with pytest.raises(CheckpointError, match=expected):
+        run(changed)

@@ -1,0 +1,55 @@
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from conftest import TINY_OVERRIDES, tiny_config
+from train import run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_python_m_train_runs_and_loss_falls(tmp_path):
+    result = _train_cli(*TINY_OVERRIDES, "model.embed_dim=64", "train.steps=40",
+                        "train.log_every=10", "optim.learning_rate=1e-2", f"run_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"^step +\d+ \| loss ([\d.]+)", result.stdout, re.M)]
+    assert len(losses) == 5  # steps 1, 10, 20, 30, 40
+    assert losses[-1] < losses[0] - 1.0
+    assert "tok/s" in result.stdout and "eval: held-out loss" in result.stdout
+    assert (tmp_path / "checkpoints" / "40").is_dir()
+
+    again = _train_cli(*TINY_OVERRIDES, "train.steps=40", "model.embed_dim=64",
+                       "optim.learning_rate=1e-2", f"run_dir={tmp_path}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from checkpoint step 40" in again.stdout
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path):
+    result = _train_cli(f"run_dir={tmp_path}", f"data.path={tmp_path / 'missing'}")
+    assert result.returncode == 2
+    assert "error: data.path" in result.stderr and "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resumed_run_ends_bit_identical_to_uninterrupted_run(tmp_path):
+    common = ("train.steps=6", "checkpoint.every=3", "train.eval_batches=0")
+    whole = run(tiny_config(*common, f"run_dir={tmp_path / 'whole'}"))
+
+    stopped = tiny_config(*common, f"run_dir={tmp_path / 'split'}", "train.stop_after=3")
+    first = run(stopped)
+    assert first.final_step == 3
+    second = run(tiny_config(*common, f"run_dir={tmp_path / 'split'}"))
+    assert second.start_step == 3 and second.final_step == 6
+
+    for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(second.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert whole.losses[6] == second.losses[6]
