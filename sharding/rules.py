@@ -16,6 +16,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sharding.mesh import MeshError
+
 Rules = tuple[tuple[str, tuple[str, ...]], ...]
 LogicalAxes = tuple[str | None, ...]
 
@@ -48,7 +50,7 @@ def named_sharding(mesh: Mesh, axes: Sequence[str | None], rules: Rules,
             names = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
             ways = math.prod(mesh.shape[a] for a in names)
             if size % ways:
-                raise ValueError(
+                raise MeshError(
                     f"{what}: dimension {dim} ({axes[dim]!r}, size {size}) cannot be split "
                     f"{ways} ways over mesh axes {names}; change the model shape, the mesh, "
                     "or mesh.rules")

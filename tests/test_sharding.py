@@ -56,7 +56,7 @@ def _get(tree, path):
 def test_indivisible_dimension_is_a_clear_error():
     config = tiny_config("mesh.data=1", "mesh.fsdp=1", "mesh.tensor=8")
     mesh = make_mesh(config.mesh)
-    with pytest.raises(ValueError, match=r"kv_heads.*size 2.*cannot be split 8 ways"):
+    with pytest.raises(MeshError, match=r"kv_heads.*size 2.*cannot be split 8 ways"):
         state_shardings(config, mesh, make_optimizer(config.optim, 10))
 
 
