@@ -1,6 +1,7 @@
 """Asynchronous Orbax checkpoints of train state, data position and config."""
 
 from checkpoint.compat import config_diff, model_mismatch
-from checkpoint.manager import Checkpointer, CheckpointError, Restored
+from checkpoint.manager import Checkpointer, CheckpointError, Restored, restore_params
 
-__all__ = ["CheckpointError", "Checkpointer", "Restored", "config_diff", "model_mismatch"]
+__all__ = ["CheckpointError", "Checkpointer", "Restored", "config_diff", "model_mismatch",
+           "restore_params"]

@@ -1,20 +1,31 @@
 """Orbax checkpoints of {train state, data position, resolved config}, saved asynchronously.
 
-A checkpoint is written to a temporary directory and renamed into place only
-when complete, so a crash mid-write never becomes the latest step.
+Orbax writes a step into a temporary directory and renames it into place only
+when complete, so a process killed mid-write never leaves a "latest" step that
+is half written. After the rename we add checksums (see `integrity`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 import pathlib
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
+from checkpoint import integrity
 from configs.schema import CheckpointConfig
 
 ITEMS = ("state", "data", "config")
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step still being written
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -29,48 +40,124 @@ class Restored:
     config: dict[str, Any]
 
 
+@dataclasses.dataclass
+class _InFlight:
+    step: int
+    started: float
+
+
 class Checkpointer:
     """Save and restore run checkpoints under `directory`."""
 
-    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
+    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig,
+                 report: Callable[[str], None] = print):
         self.directory = pathlib.Path(directory).absolute()
         self.cfg = cfg
+        self.report = report
+        # Orbax finalises saves one at a time, in order: the oldest entry is the one
+        # its post-finalisation callback is about.
+        self._in_flight: collections.deque[_InFlight] = collections.deque()
+        self._lock = threading.Lock()
+        keep: list[Any] = [policies.LatestN(cfg.keep)]
+        if cfg.keep_every:
+            keep.append(policies.EveryNSteps(cfg.keep_every))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_save, create=True)
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=cfg.async_save, create=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._on_written))
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        return sorted(self._manager.all_steps())
 
     def should_save(self, step: int) -> bool:
         return self.cfg.every > 0 and step % self.cfg.every == 0
 
     def save(self, step: int, state: Any, data_position: dict[str, Any],
-             config: dict[str, Any]) -> None:
-        """Start saving; returns once the arrays are copied off the device buffers."""
+             config: dict[str, Any]) -> float:
+        """Start saving; returns the seconds the caller was blocked (device-to-host copy).
+
+        Steps still queued on the device are waited for first and not counted:
+        the loop would wait for them at its next metrics fetch anyway.
+        """
         if step in self._manager.all_steps():
-            return
+            return 0.0
+        jax.block_until_ready(state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_position),
             config=ocp.args.JsonSave(config))
+        started = time.perf_counter()
+        with self._lock:
+            self._in_flight.append(_InFlight(step, started))
         self._manager.save(step, args=args, force=True)
+        blocked = time.perf_counter() - started
+        if not self.cfg.async_save:
+            self._on_written()
+        self.report(f"checkpoint step {step}: loop blocked {1e3 * blocked:.1f} ms")
+        return blocked
+
+    def _on_written(self) -> None:
+        """Runs once a save's data is on disk: add checksums and report the write time.
+
+        Orbax calls this just before it renames the temporary directory into
+        place, so the checksums become visible atomically with the step.
+        """
+        with self._lock:
+            if not self._in_flight:
+                return
+            in_flight = self._in_flight.popleft()
+        size = integrity.write_checksums(self._unfinished_dir(in_flight.step))
+        elapsed = time.perf_counter() - in_flight.started
+        self.report(f"checkpoint step {in_flight.step}: written in {elapsed:.2f} s "
+                    f"({size / 1e6:.1f} MB)")
+
+    def _unfinished_dir(self, step: int) -> pathlib.Path:
+        """Where step `step` is being written: Orbax's temporary directory, else the final one."""
+        pending = sorted(self.directory.glob(f"{step}{TMP_SUFFIX}*"))
+        return pending[-1] if pending else self.directory / str(step)
 
     def restore(self, step: int, target: Any) -> Restored:
         """Read step `step` into `target`'s structure, each array straight into its sharding."""
+        self.verify(step)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(target),
             data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore())
         try:
             restored = self._manager.restore(step, args=args)
-        except (ValueError, KeyError, FileNotFoundError) as e:
+        except Exception as e:  # Orbax and TensorStore raise many types; name the step.
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} could not be restored: {e}") from e
+                f"checkpoint step {step} in {self.directory} could not be restored: "
+                f"{str(e)[:500]}") from e
         return Restored(step, restored.state, dict(restored.data), dict(restored.config))
+
+    def restore_latest(self, target: Any, fallback: bool) -> Restored | None:
+        """The newest step that restores; with `fallback`, skip damaged steps (newest first)."""
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(step, target)
+            except CheckpointError as e:
+                if not fallback:
+                    raise CheckpointError(
+                        f"{e}\nset checkpoint.fallback=true to resume from the previous "
+                        "complete checkpoint instead") from e
+                self.report(f"warning: {e}; falling back to the previous checkpoint")
+        return None
+
+    def verify(self, step: int) -> None:
+        """Check the step's files against its checksums (steps written before them pass)."""
+        step_dir = self.directory / str(step)
+        if not integrity.has_checksums(step_dir):
+            self.report(f"warning: checkpoint step {step} has no checksums; not verified")
+            return
+        try:
+            integrity.verify(step_dir, step)
+        except integrity.DamagedCheckpointError as e:
+            raise CheckpointError(str(e)) from e
 
     def read_config(self, step: int) -> dict[str, Any]:
         """Only the resolved config saved with a step."""
@@ -84,3 +171,27 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def restore_params(directory: str | pathlib.Path, step: int, target: Any) -> Any:
+    """Only the parameters of a step (no optimizer state is read), into `target`'s shardings."""
+    step_dir = pathlib.Path(directory).absolute() / str(step)
+    if integrity.has_checksums(step_dir):
+        try:
+            integrity.verify(step_dir, step)
+        except integrity.DamagedCheckpointError as e:
+            raise CheckpointError(str(e)) from e
+    manager = ocp.CheckpointManager(
+        pathlib.Path(directory).absolute(),
+        options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state",))
+    item = {"params": target}
+    args = ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)
+    try:
+        return manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
+    except Exception as e:  # name the step whatever Orbax raised
+        raise CheckpointError(f"parameters of checkpoint step {step} in {directory} could not "
+                              f"be restored: {str(e)[:500]}") from e
+    finally:
+        manager.close()

@@ -119,6 +119,10 @@ class TrainConfig:
     """Held-out batches evaluated at the end of the run."""
     stop_after: int = 0
     """Stop this invocation after this many steps (0: run to `steps`); for time-sliced jobs."""
+    compile_cache: bool = True
+    """Keep compiled steps on disk so a restarted run skips compilation."""
+    compile_cache_dir: str = ""
+    """Where compiled steps are kept; empty means `<run_dir>/compile_cache`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +133,10 @@ class CheckpointConfig:
     """Save every this many steps (0: only at the end)."""
     keep: int = 3
     """Keep the last this many checkpoints."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this, permanently (0: none)."""
+    fallback: bool = False
+    """If the latest checkpoint is damaged, resume from the previous complete one."""
     async_save: bool = True
     """Write checkpoints in the background while training continues."""
 

@@ -17,8 +17,10 @@ import configs
 import input as data_input
 import sharding
 from configs.schema import Config
+from train import compile_cache
 from train import state as train_state
 from train.optimizer import lr_schedule, make_optimizer
+from train.preemption import Preemption
 from train.step import eval_step, train_step
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -33,6 +35,7 @@ class RunResult:
     final_step: int
     losses: dict[int, float]
     eval_loss: float | None
+    preempted: bool = False
 
 
 @dataclasses.dataclass
@@ -70,10 +73,13 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
         f"data: {len(splits.train)} train rows, {len(splits.eval)} held-out rows "
         f"of {config.data.seq_len} tokens")
 
+    if config.train.compile_cache:
+        cache_dir = config.train.compile_cache_dir or pathlib.Path(config.run_dir) / "compile_cache"
+        say(f"compilation cache: {compile_cache.enable(cache_dir)}")
     tx = make_optimizer(config.optim, config.train.steps)
     shardings = train_state.state_shardings(config, mesh, tx)
     ckpt = checkpoint.Checkpointer(pathlib.Path(config.run_dir) / CHECKPOINT_SUBDIR,
-                                   config.checkpoint)
+                                   config.checkpoint, report=say)
     try:
         state, position = _restore_or_init(config, ckpt, tx, shardings)
         start = int(state.step)
@@ -82,10 +88,15 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
             process_index=jax.process_index(), process_count=jax.process_count())
         batches = data_input.train_iterator(dataset, config.data)
         batches.set_state(position)
-        state, losses = _train(config, mesh, tx, shardings, state, batches, ckpt)
+        with Preemption() as preemption:
+            state, losses = _train(config, mesh, tx, shardings, state, batches, ckpt, preemption)
         ckpt.wait()
     finally:
         ckpt.close()
+    if preemption.stop_signal is not None:
+        say(f"stopped by signal {preemption.stop_signal} after step {int(state.step)}; "
+            f"checkpoint written, run again with run_dir={config.run_dir} to resume")
+        return RunResult(state, start, int(state.step), losses, None, preempted=True)
     eval_loss = _evaluate(config, mesh, shardings.params, state.params, splits.eval)
     return RunResult(state, start, int(state.step), losses, eval_loss)
 
@@ -106,23 +117,23 @@ def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
                      shardings: train_state.TrainState) -> tuple[Any, dict[str, Any]]:
     """The latest checkpoint if the run directory has one, else a fresh state."""
     step = ckpt.latest_step()
-    if step is None:
-        init = jax.jit(functools.partial(train_state.init_state, config, tx),
-                       out_shardings=shardings)
-        return init(), {"next_index": 0}
-    current = configs.to_dict(config)
-    saved = ckpt.read_config(step)
-    mismatch = checkpoint.model_mismatch(saved, current)
-    if mismatch:
-        raise checkpoint.CheckpointError(
-            f"checkpoint step {step} in {ckpt.directory} was written for a different model; "
-            "differing fields:\n  " + "\n  ".join(mismatch))
-    for line in checkpoint.config_diff(saved, current):
-        say(f"note: config differs from checkpoint: {line}")
-    target = train_state.with_shardings(train_state.abstract_state(config, tx), shardings)
-    restored = ckpt.restore(step, target)
-    say(f"resumed from checkpoint step {step} in {ckpt.directory}")
-    return restored.state, restored.data_position
+    if step is not None:
+        current = configs.to_dict(config)
+        saved = ckpt.read_config(step)
+        mismatch = checkpoint.model_mismatch(saved, current)
+        if mismatch:
+            raise checkpoint.CheckpointError(
+                f"checkpoint step {step} in {ckpt.directory} was written for a different model; "
+                "differing fields:\n  " + "\n  ".join(mismatch))
+        for line in checkpoint.config_diff(saved, current):
+            say(f"note: config differs from checkpoint: {line}")
+        target = train_state.with_shardings(train_state.abstract_state(config, tx), shardings)
+        restored = ckpt.restore_latest(target, fallback=config.checkpoint.fallback)
+        if restored is not None:
+            say(f"resumed from checkpoint step {restored.step} in {ckpt.directory}")
+            return restored.state, restored.data_position
+    init = jax.jit(functools.partial(train_state.init_state, config, tx), out_shardings=shardings)
+    return init(), {"next_index": 0}
 
 
 def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
@@ -144,14 +155,16 @@ def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
         "targets": jax.ShapeDtypeStruct((rows, seq), np.int32, sharding=batch_sharding),
         "weights": jax.ShapeDtypeStruct((rows, seq), np.float32, sharding=batch_sharding),
     }
-    started = time.perf_counter()
+    started, hits = time.perf_counter(), compile_cache.hits()
     compiled = jitted.lower(state, batch_shapes).compile()
-    say(f"compiled train step in {time.perf_counter() - started:.1f} s")
+    source = "from the compilation cache" if compile_cache.hits() > hits else "compiled"
+    say(f"train step {source} in {time.perf_counter() - started:.1f} s")
     return compiled
 
 
 def _train(config: Config, mesh: jax.sharding.Mesh, tx: Any, shardings: Any, state: Any,
-           batches: Any, ckpt: checkpoint.Checkpointer) -> tuple[Any, dict[int, float]]:
+           batches: Any, ckpt: checkpoint.Checkpointer,
+           preemption: Preemption) -> tuple[Any, dict[int, float]]:
     """The step loop. Metrics of step k are fetched after step k+1 is dispatched."""
     start = int(state.step)
     end = config.train.steps
@@ -174,8 +187,11 @@ def _train(config: Config, mesh: jax.sharding.Mesh, tx: Any, shardings: Any, sta
         if pending is not None:
             _report(config, *pending, meter, losses)
         pending = (step + 1, metrics)
-        if ckpt.should_save(step + 1) or step + 1 == end:
+        stop = preemption.should_stop(step + 1)
+        if stop or ckpt.should_save(step + 1) or preemption.take_save_request() or step + 1 == end:
             ckpt.save(step + 1, state, batches.get_state(), saved_config)
+        if stop:
+            break
     _report(config, *pending, meter, losses, force=True)
     return state, losses
 
