@@ -58,6 +58,8 @@ class Checkpointer:
         # its post-finalisation callback is about.
         self._in_flight: collections.deque[_InFlight] = collections.deque()
         self._lock = threading.Lock()
+        self._closed = False
+        self._watchers: list[threading.Thread] = []
         keep: list[Any] = [policies.LatestN(cfg.keep)]
         if cfg.keep_every:
             keep.append(policies.EveryNSteps(cfg.keep_every))
@@ -101,7 +103,7 @@ class Checkpointer:
         return blocked
 
     def _on_written(self) -> None:
-        """Runs once a save's data is on disk: add checksums and report the write time.
+        """Runs once a save's data is on disk: add checksums, then watch for the commit.
 
         Orbax calls this just before it renames the temporary directory into
         place, so the checksums become visible atomically with the step.
@@ -111,9 +113,21 @@ class Checkpointer:
                 return
             in_flight = self._in_flight.popleft()
         size = integrity.write_checksums(self._unfinished_dir(in_flight.step))
+        watcher = threading.Thread(target=self._report_when_committed, args=(in_flight, size),
+                                   daemon=True)
+        watcher.start()
+        self._watchers.append(watcher)
+
+    def _report_when_committed(self, in_flight: _InFlight, size: int) -> None:
+        """Report once the step is in its final place: from then on it can be resumed from."""
+        final = self.directory / str(in_flight.step) / integrity.MANIFEST
+        while not final.exists():
+            if self._closed:
+                return
+            time.sleep(0.005)
         elapsed = time.perf_counter() - in_flight.started
-        self.report(f"checkpoint step {in_flight.step}: written in {elapsed:.2f} s "
-                    f"({size / 1e6:.1f} MB)")
+        self.report(f"checkpoint step {in_flight.step}: committed {elapsed:.2f} s after the "
+                    f"save started ({size / 1e6:.1f} MB)")
 
     def _unfinished_dir(self, step: int) -> pathlib.Path:
         """Where step `step` is being written: Orbax's temporary directory, else the final one."""
@@ -171,6 +185,9 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+        self._closed = True  # a save that failed never commits: stop watching for it
+        for watcher in self._watchers:
+            watcher.join(timeout=1.0)
 
 
 def restore_params(directory: str | pathlib.Path, step: int, target: Any) -> Any:

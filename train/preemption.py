@@ -46,6 +46,8 @@ class Preemption:
             os._exit(128 + signum)  # second stop signal: leave now, saved steps are safe
         else:
             self.stop_signal = signum
+            print(f"received {signal.Signals(signum).name}: finishing the step, saving, then "
+                  "exiting; send it again to exit at once", flush=True)
 
     def should_stop(self, step: int) -> bool:
         """True on every process once any process was told to stop (at the same step)."""

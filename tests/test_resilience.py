@@ -1,0 +1,193 @@
+"""Checkpoints under stress: preemption, kill -9, damaged files, cache restarts."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import configs
+from checkpoint import Checkpointer, CheckpointError, restore_params
+from checkpoint.inspect import main as inspect_main
+from conftest import TINY_OVERRIDES, tiny_config
+from sharding import make_mesh
+from train import run
+from train.optimizer import make_optimizer
+from train.state import abstract_state, init_state, state_shardings, with_shardings
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LONG = ("train.steps=40", "checkpoint.every=2", "train.log_every=1", "train.eval_batches=1")
+
+
+def _start(run_dir, *overrides):
+    return subprocess.Popen(
+        [sys.executable, "-m", "train", *TINY_OVERRIDES, *LONG, f"run_dir={run_dir}",
+         *overrides], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_line(process, prefix):
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError("process ended before printing " + repr(prefix) + ":\n" + "".join(lines))
+
+
+def _final_params(run_dir, config):
+    ckpt = Checkpointer(run_dir / "checkpoints", config.checkpoint)
+    step = ckpt.latest_step()
+    ckpt.close()
+    mesh = make_mesh(config.mesh)
+    tx = make_optimizer(config.optim, config.train.steps)
+    shardings = state_shardings(config, mesh, tx)
+    target = with_shardings(abstract_state(config, tx), shardings).params
+    return step, restore_params(run_dir / "checkpoints", step, target)
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
+    process = _start(tmp_path)
+    _wait_for_line(process, "step ")
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, out[-2000:]
+    assert "stopped by signal 15 after step" in out
+    stopped = int(out.split("stopped by signal 15 after step ")[1].split(";")[0])
+    assert 0 < stopped < 40
+    ckpt = Checkpointer(tmp_path / "checkpoints", tiny_config().checkpoint)
+    assert ckpt.latest_step() == stopped
+    ckpt.close()
+    resumed = run(tiny_config(*LONG, f"run_dir={tmp_path}"))
+    assert resumed.start_step == stopped and resumed.final_step == 40
+
+
+def test_second_signal_exits_at_once_and_keeps_saved_checkpoints(tmp_path):
+    process = _start(tmp_path)
+    _wait_for_line(process, "checkpoint step 4: committed")
+    process.send_signal(signal.SIGTERM)
+    _wait_for_line(process, "received SIGTERM")
+    process.send_signal(signal.SIGTERM)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, out[-2000:]
+    resumed = run(tiny_config(*LONG, "train.stop_after=1", f"run_dir={tmp_path}"))
+    assert resumed.start_step >= 4
+
+
+def test_kill9_at_random_moments_resumes_bit_identical(tmp_path):
+    config = tiny_config(*LONG, f"run_dir={tmp_path / 'whole'}")
+    run(config)
+    rng = random.Random(0)
+    for _ in range(3):
+        process = _start(tmp_path / "killed")
+        _wait_for_line(process, "step ")
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.kill()
+        process.communicate(timeout=60)
+    finished = run(tiny_config(*LONG, f"run_dir={tmp_path / 'killed'}"))
+    assert finished.final_step == 40 and finished.start_step > 0
+    step_a, whole = _final_params(tmp_path / "whole", config)
+    step_b, killed = _final_params(tmp_path / "killed", config)
+    assert step_a == step_b == 40
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(killed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _corrupt_largest_state_file(step_dir):
+    files = sorted((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+                   key=lambda p: p.stat().st_size)
+    data = bytearray(files[-1].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    files[-1].write_bytes(bytes(data))
+    return files[-1]
+
+
+def test_damaged_file_names_step_and_file_and_can_fall_back(tmp_path):
+    common = ("train.steps=6", "checkpoint.every=2", "train.eval_batches=0",
+              f"run_dir={tmp_path}")
+    run(tiny_config(*common, "train.stop_after=4"))
+    damaged = _corrupt_largest_state_file(tmp_path / "checkpoints" / "4")
+    with pytest.raises(CheckpointError, match=rf"(?s)step 4: file {damaged}.*CRC32.*"
+                                              r"checkpoint\.fallback=true"):
+        run(tiny_config(*common))
+    resumed = run(tiny_config(*common, "checkpoint.fallback=true"))
+    assert resumed.start_step == 2 and resumed.final_step == 6
+
+
+def test_truncated_file_is_named(tmp_path):
+    config = tiny_config("train.steps=2", "checkpoint.every=2", "train.eval_batches=0",
+                         f"run_dir={tmp_path}")
+    run(config)
+    files = sorted((p for p in (tmp_path / "checkpoints" / "2").rglob("*") if p.is_file()),
+                   key=lambda p: p.stat().st_size)
+    with open(files[-1], "r+b") as f:
+        f.truncate(10)
+    ckpt = Checkpointer(tmp_path / "checkpoints", config.checkpoint)
+    with pytest.raises(CheckpointError, match=rf"step 2: file {files[-1]} has 10 bytes"):
+        ckpt.verify(2)
+    ckpt.close()
+
+
+def test_params_only_restore_onto_another_mesh(tmp_path):
+    config = tiny_config("train.steps=2", "train.eval_batches=0", "mesh.data=1", "mesh.fsdp=8",
+                         f"run_dir={tmp_path}")
+    result = run(config)
+    other = tiny_config("mesh.data=4", "mesh.tensor=2", f"run_dir={tmp_path}")
+    step, params = _final_params(tmp_path, other)
+    assert step == 2
+    expected = jax.tree.leaves(result.state.params)
+    for a, b in zip(expected, jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    embed = params["embed_VxD"].sharding
+    assert tuple(embed.spec) == ("tensor", "fsdp") and dict(embed.mesh.shape)["data"] == 4
+
+
+def test_keep_last_n_plus_every_kth_permanently(tmp_path):
+    run(tiny_config("train.steps=8", "checkpoint.every=1", "checkpoint.keep=2",
+                    "checkpoint.keep_every=4", "train.eval_batches=0", f"run_dir={tmp_path}"))
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4, 7, 8]
+
+
+def test_async_save_blocks_less_than_the_whole_write(tmp_path):
+    config = tiny_config("model.embed_dim=256", "model.mlp_dim=1024")
+    mesh = make_mesh(config.mesh)
+    tx = make_optimizer(config.optim, 10)
+    state = jax.jit(lambda: init_state(config, tx),
+                    out_shardings=state_shardings(config, mesh, tx))()
+    jax.block_until_ready(state)
+    ckpt = Checkpointer(tmp_path, config.checkpoint, report=lambda _: None)
+    started = time.perf_counter()
+    blocked = ckpt.save(1, state, {"next_index": 1}, configs.to_dict(config))
+    ckpt.wait()
+    total = time.perf_counter() - started
+    ckpt.close()
+    assert 0 < blocked < total
+
+
+def test_restart_reads_the_compiled_step_from_the_cache(tmp_path):
+    first = _start(tmp_path, "train.stop_after=2")
+    out_first, _ = first.communicate(timeout=120)
+    second = _start(tmp_path, "train.stop_after=2")
+    out_second, _ = second.communicate(timeout=120)
+    assert first.returncode == second.returncode == 0, out_first[-1000:] + out_second[-1000:]
+    assert "train step compiled in" in out_first
+    assert "train step from the compilation cache in" in out_second
+    assert any((tmp_path / "compile_cache").iterdir())
+
+
+def test_inspect_lists_steps_completeness_and_config_diff(tmp_path, capsys):
+    run(tiny_config("train.steps=4", "checkpoint.every=2", "train.eval_batches=0",
+                    f"run_dir={tmp_path}"))
+    (tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir()
+    code = inspect_main([str(tmp_path), *TINY_OVERRIDES, "train.steps=4", "model.num_layers=3"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [(r[0], r[3], r[4]) for r in rows] == [
+        ("2", "complete", "ok"), ("4", "complete", "ok"), ("6", "partial", "incomplete")]
+    assert "model.num_layers: checkpoint 2, config 3" in out
+    assert "checkpoint.every: checkpoint 2, config 3" in out
