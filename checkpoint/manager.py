@@ -67,7 +67,13 @@ class Checkpointer:
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=cfg.async_save, create=True,
             async_options=ocp.AsyncOptions(post_finalization_callback=self._on_written))
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        handlers = {
+            "state": ocp.PyTreeCheckpointHandler(use_compression=cfg.compress),
+            "data": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+        }
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -89,7 +95,7 @@ class Checkpointer:
             return 0.0
         jax.block_until_ready(state)
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.PyTreeSave(state),
             data=ocp.args.JsonSave(data_position),
             config=ocp.args.JsonSave(config))
         started = time.perf_counter()
@@ -137,8 +143,9 @@ class Checkpointer:
     def restore(self, step: int, target: Any) -> Restored:
         """Read step `step` into `target`'s structure, each array straight into its sharding."""
         self.verify(step)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
+            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
             data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore())
         try:

@@ -135,6 +135,8 @@ class CheckpointConfig:
     """Keep the last this many checkpoints."""
     keep_every: int = 0
     """Also keep every checkpoint whose step is a multiple of this, permanently (0: none)."""
+    compress: bool = False
+    """zstd-compress saved arrays: fewer bytes, but CPU time that competes with the step."""
     fallback: bool = False
     """If the latest checkpoint is damaged, resume from the previous complete one."""
     async_save: bool = True

@@ -36,6 +36,8 @@ class RunResult:
     losses: dict[int, float]
     eval_loss: float | None
     preempted: bool = False
+    train_seconds: float = 0.0
+    """Wall time of the step loop, from after compilation to the last step's metrics."""
 
 
 @dataclasses.dataclass
@@ -89,16 +91,17 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
         batches = data_input.train_iterator(dataset, config.data)
         batches.set_state(position)
         with Preemption() as preemption:
-            state, losses = _train(config, mesh, tx, shardings, state, batches, ckpt, preemption)
+            state, losses, seconds = _train(config, mesh, tx, shardings, state, batches, ckpt,
+                                            preemption)
         ckpt.wait()
     finally:
         ckpt.close()
     if preemption.stop_signal is not None:
         say(f"stopped by signal {preemption.stop_signal} after step {int(state.step)}; "
             f"checkpoint written, run again with run_dir={config.run_dir} to resume")
-        return RunResult(state, start, int(state.step), losses, None, preempted=True)
+        return RunResult(state, start, int(state.step), losses, None, True, seconds)
     eval_loss = _evaluate(config, mesh, shardings.params, state.params, splits.eval)
-    return RunResult(state, start, int(state.step), losses, eval_loss)
+    return RunResult(state, start, int(state.step), losses, eval_loss, False, seconds)
 
 
 def _check_fits(config: Config, mesh: jax.sharding.Mesh, tokenizer: Any) -> None:
@@ -164,7 +167,7 @@ def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
 
 def _train(config: Config, mesh: jax.sharding.Mesh, tx: Any, shardings: Any, state: Any,
            batches: Any, ckpt: checkpoint.Checkpointer,
-           preemption: Preemption) -> tuple[Any, dict[int, float]]:
+           preemption: Preemption) -> tuple[Any, dict[int, float], float]:
     """The step loop. Metrics of step k are fetched after step k+1 is dispatched."""
     start = int(state.step)
     end = config.train.steps
@@ -172,12 +175,13 @@ def _train(config: Config, mesh: jax.sharding.Mesh, tx: Any, shardings: Any, sta
         end = min(end, start + config.train.stop_after)
     if start >= end:
         say(f"nothing to train: checkpoint is at step {start}, run ends at {end}")
-        return state, {}
+        return state, {}, 0.0
     step_fn = _compile_train_step(config, mesh, tx, shardings, state)
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
     saved_config = configs.to_dict(config)
     losses: dict[int, float] = {}
-    meter = _Meter(time.perf_counter(), start)
+    started = time.perf_counter()
+    meter = _Meter(started, start)
     pending = None
     for step in range(start, end):
         waited = time.perf_counter()
@@ -193,7 +197,7 @@ def _train(config: Config, mesh: jax.sharding.Mesh, tx: Any, shardings: Any, sta
         if stop:
             break
     _report(config, *pending, meter, losses, force=True)
-    return state, losses
+    return state, losses, time.perf_counter() - started
 
 
 def _report(config: Config, step: int, metrics: dict[str, jax.Array], meter: _Meter,

@@ -1,0 +1,273 @@
+"""Checkpoint benchmark: every figure next to its reference, measured in one run.
+
+    python benchmarks/checkpoint.py [--repeats 3] [--dir /tmp/ckpt-bench]
+
+State: parameters + Adam moments of a ~92M-parameter Llama-shape model
+(~1.1 GB), FSDP over 8 (fake CPU) devices. Figures are medians over repeats.
+1. loop blocking per async save vs plain Orbax async vs one host memory copy
+2. steps/s of bench-20m saving every 5 steps vs no checkpoints
+3. save throughput until written vs plain Orbax sync save vs raw write+fsync
+4. restore throughput (same mesh, 8 -> 4 devices) vs plain Orbax vs raw read
+5. restart to first step after restore, cold vs warm compilation cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+
+import configs  # noqa: E402
+from checkpoint import Checkpointer  # noqa: E402
+from sharding import make_mesh  # noqa: E402
+from train import run  # noqa: E402
+from train.optimizer import make_optimizer  # noqa: E402
+from train.state import abstract_state, init_state, state_shardings, with_shardings  # noqa: E402
+
+BIG_MODEL = ["model.vocab_size=32000", "model.embed_dim=640", "model.num_layers=10",
+             "model.num_heads=10", "model.num_kv_heads=10", "model.head_dim=64",
+             "model.mlp_dim=1792"]
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def median_of(fn, repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def build(config, devices=None):
+    """A state like a trained one: every float (Adam moments too) random, so nothing is
+    all zeros for TensorStore to skip or compress away."""
+    mesh = make_mesh(config.mesh, devices)
+    tx = make_optimizer(config.optim, config.train.steps)
+    shardings = state_shardings(config, mesh, tx)
+
+    def randomised():
+        state = init_state(config, tx)
+        leaves, treedef = jax.tree.flatten(state)
+        keys = jax.random.split(jax.random.key(0), len(leaves))
+        leaves = [0.02 * jax.random.normal(k, x.shape, x.dtype)
+                  if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x
+                  for k, x in zip(keys, leaves, strict=True)]
+        return jax.tree.unflatten(treedef, leaves)
+
+    state = jax.jit(randomised, out_shardings=shardings)()
+    target = with_shardings(abstract_state(config, tx), shardings)
+    return jax.block_until_ready(state), target
+
+
+def state_bytes(state) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(state))
+
+
+def memory_copy_seconds(state) -> float:
+    started = time.perf_counter()
+    copies = [np.array(shard.data, copy=True)
+              for leaf in jax.tree.leaves(state) for shard in leaf.addressable_shards]
+    elapsed = time.perf_counter() - started
+    del copies
+    return elapsed
+
+
+def fresh(path: pathlib.Path) -> pathlib.Path:
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        pathlib.Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def ours_save(state, config, path) -> tuple[float, float]:
+    ckpt = Checkpointer(fresh(path), config.checkpoint, report=quiet)
+    started = time.perf_counter()
+    blocked = ckpt.save(1, state, {"next_index": 1}, configs.to_dict(config))
+    ckpt.wait()
+    total = time.perf_counter() - started
+    ckpt.close()
+    return blocked, total
+
+
+def orbax_save(state, path, async_save: bool) -> tuple[float, float]:
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save)
+    manager = ocp.CheckpointManager(fresh(path), options=options)
+    started = time.perf_counter()
+    manager.save(1, args=ocp.args.StandardSave(state))
+    blocked = time.perf_counter() - started
+    manager.wait_until_finished()
+    total = time.perf_counter() - started
+    manager.close()
+    return blocked, total
+
+
+def raw_write(state, path) -> float:
+    fresh(path).mkdir(parents=True)
+    shards = [np.asarray(shard.data) for leaf in jax.tree.leaves(state)
+              for shard in leaf.addressable_shards]
+    started = time.perf_counter()
+    with open(path / "raw.bin", "wb") as f:
+        for shard in shards:
+            f.write(memoryview(np.ascontiguousarray(shard)).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+    return time.perf_counter() - started
+
+
+def raw_read(path) -> float:
+    drop_page_cache()
+    started = time.perf_counter()
+    with open(path / "raw.bin", "rb") as f:
+        while f.read(1 << 24):
+            pass
+    return time.perf_counter() - started
+
+
+def ours_restore(config, path, target) -> float:
+    ckpt = Checkpointer(path, config.checkpoint, report=quiet)
+    drop_page_cache()
+    started = time.perf_counter()
+    jax.block_until_ready(ckpt.restore(1, target).state)
+    elapsed = time.perf_counter() - started
+    ckpt.close()
+    return elapsed
+
+
+def orbax_restore(path, target) -> float:
+    manager = ocp.CheckpointManager(path)
+    drop_page_cache()
+    started = time.perf_counter()
+    jax.block_until_ready(manager.restore(1, args=ocp.args.StandardRestore(target)))
+    elapsed = time.perf_counter() - started
+    manager.close()
+    return elapsed
+
+
+def training_cost(workdir: pathlib.Path, steps: int) -> tuple[float, float]:
+    """steps/s of bench-20m with async saves every 5 steps, and without checkpoints."""
+    rates = []
+    for every in (5, 0):
+        config = configs.load("bench-20m", [
+            f"train.steps={steps}", f"checkpoint.every={every}", "train.eval_batches=0",
+            "train.log_every=1000", "mesh.data=1", "mesh.fsdp=-1",
+            f"run_dir={fresh(workdir / f'train-every-{every}')}", "train.compile_cache=false"])
+        result = run(config)
+        rates.append((steps - 1) / result.train_seconds)
+    return rates[0], rates[1]
+
+
+def restart_seconds(run_dir: pathlib.Path, cache_dir: pathlib.Path) -> float:
+    """Process start -> first completed step after restoring from run_dir's checkpoint."""
+    command = [sys.executable, "-m", "train", "--config", "bench-20m", f"run_dir={run_dir}",
+               "train.steps=100", "train.stop_after=1", "train.eval_batches=0",
+               "checkpoint.every=0", f"train.compile_cache_dir={cache_dir}"]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    elapsed = None
+    for line in process.stdout:
+        if line.startswith("step ") and elapsed is None:
+            elapsed = time.perf_counter() - started
+    process.wait()
+    if process.returncode or elapsed is None:
+        raise RuntimeError(f"restart run failed: {' '.join(command)}")
+    return elapsed
+
+
+def restart_cost(workdir: pathlib.Path) -> tuple[float, float]:
+    run_dir = fresh(workdir / "restart")
+    run(configs.load("bench-20m", ["train.steps=100", "train.stop_after=1",
+                                   "train.eval_batches=0", f"run_dir={run_dir}",
+                                   "train.compile_cache=false"]))
+    cache = fresh(workdir / "restart-cache")
+    cold = restart_seconds(run_dir, cache)
+    shutil.rmtree(run_dir / "checkpoints" / "2", ignore_errors=True)
+    warm = restart_seconds(run_dir, cache)
+    return cold, warm
+
+
+def save_and_restore(config, work: pathlib.Path, repeats: int) -> None:
+    """Figures 1, 3 and 4, on the ~1.1 GB state."""
+    state, target = build(config)
+    gb = state_bytes(state) / 1e9
+    params = sum(x.size for x in jax.tree.leaves(state.params)) / 1e6
+    print(f"state: {params:.1f}M parameters + Adam moments = {gb:.2f} GB on "
+          f"{jax.device_count()} devices (fsdp=8); medians of {repeats}; "
+          f"page cache dropped before reads: {drop_page_cache()}")
+
+    copy = median_of(lambda: memory_copy_seconds(state), repeats)
+    ours = [ours_save(state, config, work / "ours") for _ in range(repeats)]
+    plain_async = [orbax_save(state, work / "orbax-async", True) for _ in range(repeats)]
+    plain_sync = [orbax_save(state, work / "orbax-sync", False) for _ in range(repeats)]
+    raw = median_of(lambda: raw_write(state, work / "raw"), repeats)
+    ours_blocked = statistics.median(b for b, _ in ours)
+    ours_total = statistics.median(t for _, t in ours)
+    orbax_blocked = statistics.median(b for b, _ in plain_async)
+    orbax_sync = statistics.median(t for _, t in plain_sync)
+    print("\n1. loop blocking per async save")
+    print(f"   ours {ours_blocked:.3f} s | plain Orbax async {orbax_blocked:.3f} s | "
+          f"one memory copy {copy:.3f} s | ours / copy = {ours_blocked / copy:.2f}x "
+          "(target <= 1.2x)")
+    print("\n3. save throughput until the write has finished")
+    print(f"   ours {gb / ours_total:.2f} GB/s | plain Orbax sync {gb / orbax_sync:.2f} GB/s | "
+          f"raw write+fsync {gb / raw:.2f} GB/s | ours / Orbax = {orbax_sync / ours_total:.2f} "
+          "(target >= 0.9)")
+
+    small = configs.load(None, [*BIG_MODEL, "mesh.data=2", "mesh.tensor=2"])
+    _, target4 = build(small, jax.devices()[:4])
+    read = median_of(lambda: raw_read(work / "raw"), repeats)
+    same = median_of(lambda: ours_restore(config, work / "ours", target), repeats)
+    other = median_of(lambda: ours_restore(config, work / "ours", target4), repeats)
+    plain = median_of(lambda: orbax_restore(work / "orbax-sync", target), repeats)
+    plain4 = median_of(lambda: orbax_restore(work / "orbax-sync", target4), repeats)
+    print("\n4. restore throughput")
+    print(f"   same mesh: ours {gb / same:.2f} GB/s | plain Orbax {gb / plain:.2f} GB/s | "
+          f"raw read {gb / read:.2f} GB/s | ours / raw = {read / same:.2f} (target >= 0.7), "
+          f"ours / Orbax = {plain / same:.2f} (target >= 0.9)")
+    print(f"   8 -> 4 devices: ours {gb / other:.2f} GB/s | plain Orbax {gb / plain4:.2f} GB/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default="/tmp/ckpt-bench")
+    parser.add_argument("--train-steps", type=int, default=21)
+    parser.add_argument("--only", default="12345", help="which figures to measure, e.g. 14")
+    args = parser.parse_args()
+    work = pathlib.Path(args.dir)
+    if set(args.only) & set("134"):
+        config = configs.load(None, [*BIG_MODEL, "mesh.data=1", "mesh.fsdp=8"])
+        save_and_restore(config, work, args.repeats)
+    if "2" in args.only:
+        with_ckpt, without = training_cost(work, args.train_steps)
+        print("\n2. what checkpointing costs training (bench-20m, 8 devices fsdp, save every 5)")
+        print(f"   with async saves {with_ckpt:.3f} steps/s | without {without:.3f} steps/s | "
+              f"ratio {with_ckpt / without:.3f} (target >= 0.97)")
+    if "5" in args.only:
+        cold, warm = restart_cost(work)
+        print("\n5. restart to first step after restore (bench-20m, 1 process)")
+        print(f"   cold {cold:.2f} s | warm compilation cache {warm:.2f} s | warm / cold = "
+              f"{warm / cold:.2f} (target <= 0.5)")
+
+
+if __name__ == "__main__":
+    main()
