@@ -162,17 +162,17 @@ def orbax_restore(path, target) -> float:
     return elapsed
 
 
-def training_cost(workdir: pathlib.Path, steps: int) -> tuple[float, float]:
-    """steps/s of bench-20m with async saves every 5 steps, and without checkpoints."""
-    rates = []
-    for every in (5, 0):
+def training_cost(workdir: pathlib.Path, steps: int, repeats: int) -> tuple[float, float]:
+    """Median steps/s of bench-20m with async saves every 5 steps, and without checkpoints."""
+    rates = {5: [], 0: []}
+    for every in [5, 0] * repeats:
         config = configs.load("bench-20m", [
             f"train.steps={steps}", f"checkpoint.every={every}", "train.eval_batches=0",
             "train.log_every=1000", "mesh.data=1", "mesh.fsdp=-1",
             f"run_dir={fresh(workdir / f'train-every-{every}')}", "train.compile_cache=false"])
         result = run(config)
-        rates.append((steps - 1) / result.train_seconds)
-    return rates[0], rates[1]
+        rates[every].append((steps - 1) / result.train_seconds)
+    return statistics.median(rates[5]), statistics.median(rates[0])
 
 
 def restart_seconds(run_dir: pathlib.Path, cache_dir: pathlib.Path) -> float:
@@ -193,16 +193,19 @@ def restart_seconds(run_dir: pathlib.Path, cache_dir: pathlib.Path) -> float:
     return elapsed
 
 
-def restart_cost(workdir: pathlib.Path) -> tuple[float, float]:
+def restart_cost(workdir: pathlib.Path, repeats: int) -> tuple[float, float]:
+    """Median seconds to the first step after restore: empty cache, then a filled one."""
     run_dir = fresh(workdir / "restart")
     run(configs.load("bench-20m", ["train.steps=100", "train.stop_after=1",
                                    "train.eval_batches=0", f"run_dir={run_dir}",
                                    "train.compile_cache=false"]))
-    cache = fresh(workdir / "restart-cache")
-    cold = restart_seconds(run_dir, cache)
-    shutil.rmtree(run_dir / "checkpoints" / "2", ignore_errors=True)
-    warm = restart_seconds(run_dir, cache)
-    return cold, warm
+    colds, warms = [], []
+    for _ in range(repeats):
+        cache = fresh(workdir / "restart-cache")
+        for times in (colds, warms):
+            shutil.rmtree(run_dir / "checkpoints" / "2", ignore_errors=True)
+            times.append(restart_seconds(run_dir, cache))
+    return statistics.median(colds), statistics.median(warms)
 
 
 def save_and_restore(config, work: pathlib.Path, repeats: int) -> None:
@@ -258,12 +261,12 @@ def main() -> None:
         config = configs.load(None, [*BIG_MODEL, "mesh.data=1", "mesh.fsdp=8"])
         save_and_restore(config, work, args.repeats)
     if "2" in args.only:
-        with_ckpt, without = training_cost(work, args.train_steps)
+        with_ckpt, without = training_cost(work, args.train_steps, args.repeats)
         print("\n2. what checkpointing costs training (bench-20m, 8 devices fsdp, save every 5)")
         print(f"   with async saves {with_ckpt:.3f} steps/s | without {without:.3f} steps/s | "
               f"ratio {with_ckpt / without:.3f} (target >= 0.97)")
     if "5" in args.only:
-        cold, warm = restart_cost(work)
+        cold, warm = restart_cost(work, args.repeats)
         print("\n5. restart to first step after restore (bench-20m, 1 process)")
         print(f"   cold {cold:.2f} s | warm compilation cache {warm:.2f} s | warm / cold = "
               f"{warm / cold:.2f} (target <= 0.5)")

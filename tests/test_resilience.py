@@ -191,3 +191,26 @@ def test_inspect_lists_steps_completeness_and_config_diff(tmp_path, capsys):
         ("2", "complete", "ok"), ("4", "complete", "ok"), ("6", "partial", "incomplete")]
     assert "model.num_layers: checkpoint 2, config 3" in out
     assert "checkpoint.every: checkpoint 2, config 3" in out
+
+
+def test_sigusr1_saves_at_the_next_step(tmp_path):
+    process = _start(tmp_path, "checkpoint.every=1000")
+    _wait_for_line(process, "step ")
+    process.send_signal(signal.SIGUSR1)
+    lines = _wait_for_line(process, "checkpoint step ")
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    requested = int(lines[-1].split()[2].rstrip(":"))
+    assert 0 < requested < 40
+    assert (tmp_path / "checkpoints" / str(requested)).is_dir()
+
+
+def test_half_written_later_step_is_ignored_on_resume(tmp_path):
+    common = ("train.steps=6", "checkpoint.every=2", "train.eval_batches=0",
+              f"run_dir={tmp_path}")
+    run(tiny_config(*common, "train.stop_after=4"))
+    partial = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-99"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "junk").write_bytes(b"half a write")
+    resumed = run(tiny_config(*common))
+    assert resumed.start_step == 4 and resumed.final_step == 6

@@ -192,12 +192,15 @@ def _train(config: Config, mesh: jax.sharding.Mesh, tx: Any, shardings: Any, sta
             _report(config, *pending, meter, losses)
         pending = (step + 1, metrics)
         stop = preemption.should_stop(step + 1)
-        if stop or ckpt.should_save(step + 1) or preemption.take_save_request() or step + 1 == end:
+        last = stop or step + 1 == end
+        if last:  # the final figures do not wait for the final save
+            _report(config, *pending, meter, losses, force=True)
+            elapsed = time.perf_counter() - started
+        if last or ckpt.should_save(step + 1) or preemption.take_save_request():
             ckpt.save(step + 1, state, batches.get_state(), saved_config)
         if stop:
             break
-    _report(config, *pending, meter, losses, force=True)
-    return state, losses, time.perf_counter() - started
+    return state, losses, elapsed
 
 
 def _report(config: Config, step: int, metrics: dict[str, jax.Array], meter: _Meter,
