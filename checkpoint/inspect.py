@@ -18,9 +18,7 @@ import orbax.checkpoint as ocp
 import configs
 from checkpoint import integrity
 from checkpoint.compat import config_diff
-from checkpoint.manager import TMP_SUFFIX
-
-CHECKPOINT_SUBDIR = "checkpoints"
+from checkpoint.manager import TMP_SUFFIX, checkpoint_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="preset or JSON file to compare with")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    checkpoint_dir = pathlib.Path(args.run_dir).absolute() / CHECKPOINT_SUBDIR
-    infos = list_steps(checkpoint_dir)
+    directory = checkpoint_dir(args.run_dir)
+    infos = list_steps(directory)
     if not infos:
-        print(f"no checkpoints in {checkpoint_dir}", file=sys.stderr)
+        print(f"no checkpoints in {directory}", file=sys.stderr)
         return 1
     print(f"{'step':>8}  {'size':>10}  {'state':<10}  checksums")
     for info in infos:
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except configs.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    diff = config_diff(saved_config(checkpoint_dir, complete[-1]), configs.to_dict(current))
+    diff = config_diff(saved_config(directory, complete[-1]), configs.to_dict(current))
     print(f"\nconfig of step {complete[-1]} vs the current config:")
     print("\n".join(f"  {line}" for line in diff) if diff else "  identical")
     return 0

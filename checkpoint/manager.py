@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import pathlib
 import threading
 import time
@@ -23,9 +22,13 @@ from orbax.checkpoint import checkpoint_managers as policies
 from checkpoint import integrity
 from configs.schema import CheckpointConfig
 
-ITEMS = ("state", "data", "config")
+SUBDIR = "checkpoints"  # a run's checkpoints live in <run_dir>/checkpoints
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step still being written
-log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
+    """Where the checkpoints of the run in `run_dir` are kept."""
+    return pathlib.Path(run_dir).absolute() / SUBDIR
 
 
 class CheckpointError(ValueError):

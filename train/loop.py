@@ -23,8 +23,6 @@ from train.optimizer import lr_schedule, make_optimizer
 from train.preemption import Preemption
 from train.step import eval_step, train_step
 
-CHECKPOINT_SUBDIR = "checkpoints"
-
 
 @dataclasses.dataclass
 class RunResult:
@@ -80,8 +78,8 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
         say(f"compilation cache: {compile_cache.enable(cache_dir)}")
     tx = make_optimizer(config.optim, config.train.steps)
     shardings = train_state.state_shardings(config, mesh, tx)
-    ckpt = checkpoint.Checkpointer(pathlib.Path(config.run_dir) / CHECKPOINT_SUBDIR,
-                                   config.checkpoint, report=say)
+    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(config.run_dir), config.checkpoint,
+                                   report=say)
     try:
         state, position = _restore_or_init(config, ckpt, tx, shardings)
         start = int(state.step)
