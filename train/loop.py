@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -81,7 +82,7 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(config.run_dir), config.checkpoint,
                                    report=say)
     try:
-        state, position = _restore_or_init(config, ckpt, tx, shardings)
+        state, position, step_fn = _restore_while_compiling(config, mesh, tx, shardings, ckpt)
         start = int(state.step)
         dataset = data_input.train_dataset(
             splits.train, seed=config.seed, global_batch=config.train.batch_size,
@@ -89,7 +90,7 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
         batches = data_input.train_iterator(dataset, config.data)
         batches.set_state(position)
         with Preemption() as preemption:
-            state, losses, seconds = _train(config, mesh, tx, shardings, state, batches, ckpt,
+            state, losses, seconds = _train(config, mesh, step_fn, state, batches, ckpt,
                                             preemption)
         ckpt.wait()
     finally:
@@ -112,6 +113,25 @@ def _check_fits(config: Config, mesh: jax.sharding.Mesh, tokenizer: Any) -> None
         raise configs.ConfigError(
             f"train.batch_size ({config.train.batch_size}) must be a multiple of the {ways} ways "
             f"the batch is split over the mesh {dict(mesh.shape)}")
+
+
+def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
+                             shardings: train_state.TrainState,
+                             ckpt: checkpoint.Checkpointer) -> tuple[Any, dict[str, Any], Any]:
+    """State, data position and compiled step; restore and compilation overlap.
+
+    Compiling needs only shapes and shardings, so a restarted run reads its
+    checkpoint while XLA compiles (or loads the step from the cache).
+    """
+    latest = ckpt.latest_step()
+    if latest is not None and latest >= config.train.steps:
+        state, position = _restore_or_init(config, ckpt, tx, shardings)
+        return state, position, None  # nothing left to train: no step to compile
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="restore") as pool:
+        restoring = pool.submit(_restore_or_init, config, ckpt, tx, shardings)
+        step_fn = _compile_train_step(config, mesh, tx, shardings)
+        state, position = restoring.result()
+    return state, position, step_fn
 
 
 def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
@@ -138,7 +158,7 @@ def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
 
 
 def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
-                        shardings: train_state.TrainState, state: Any) -> Any:
+                        shardings: train_state.TrainState) -> Any:
     """Ahead-of-time compiled step: explicit in/out shardings, the state donated."""
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -156,14 +176,15 @@ def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
         "targets": jax.ShapeDtypeStruct((rows, seq), np.int32, sharding=batch_sharding),
         "weights": jax.ShapeDtypeStruct((rows, seq), np.float32, sharding=batch_sharding),
     }
+    state_shapes = train_state.with_shardings(train_state.abstract_state(config, tx), shardings)
     started, hits = time.perf_counter(), compile_cache.hits()
-    compiled = jitted.lower(state, batch_shapes).compile()
+    compiled = jitted.lower(state_shapes, batch_shapes).compile()
     source = "from the compilation cache" if compile_cache.hits() > hits else "compiled"
     say(f"train step {source} in {time.perf_counter() - started:.1f} s")
     return compiled
 
 
-def _train(config: Config, mesh: jax.sharding.Mesh, tx: Any, shardings: Any, state: Any,
+def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
            batches: Any, ckpt: checkpoint.Checkpointer,
            preemption: Preemption) -> tuple[Any, dict[int, float], float]:
     """The step loop. Metrics of step k are fetched after step k+1 is dispatched."""
@@ -174,7 +195,6 @@ def _train(config: Config, mesh: jax.sharding.Mesh, tx: Any, shardings: Any, sta
     if start >= end:
         say(f"nothing to train: checkpoint is at step {start}, run ends at {end}")
         return state, {}, 0.0
-    step_fn = _compile_train_step(config, mesh, tx, shardings, state)
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
     saved_config = configs.to_dict(config)
     losses: dict[int, float] = {}
