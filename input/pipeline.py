@@ -27,14 +27,22 @@ Batch = dict[str, np.ndarray]
 
 
 class PackedRows:
-    """Random access to fixed-length rows cut from a token stream (a Grain data source)."""
+    """Random access to fixed-length rows cut from a token stream (a Grain data source).
 
-    def __init__(self, stream: np.ndarray, seq_len: int, pad_id: int):
+    Each row also carries, per input position, its document's number within the
+    row (`segment_ids`, 1-based; 0 is padding) and its position inside that
+    document (`positions`), so attention never crosses a document boundary and
+    rotary positions restart with every document. A document starts after each
+    end-of-document token.
+    """
+
+    def __init__(self, stream: np.ndarray, seq_len: int, pad_id: int, eos_id: int):
         if len(stream) < 2:
             raise DataError("the token stream has fewer than 2 tokens; nothing to train on")
         self.stream = stream
         self.seq_len = seq_len
         self.pad_id = pad_id
+        self.eos_id = eos_id
 
     def __len__(self) -> int:
         return -(-(len(self.stream) - 1) // self.seq_len)
@@ -48,7 +56,21 @@ class PackedRows:
         row[:len(chunk)] = chunk
         weights = np.zeros(self.seq_len, dtype=np.float32)
         weights[:len(chunk) - 1] = 1.0
-        return {"inputs": row[:-1], "targets": row[1:], "weights": weights}
+        inputs = row[:-1]
+        segment_ids, positions = document_layout(inputs, self.eos_id)
+        segment_ids[len(chunk) - 1:] = 0  # padding belongs to no document
+        return {"inputs": inputs, "targets": row[1:], "weights": weights,
+                "segment_ids": segment_ids, "positions": positions}
+
+
+def document_layout(inputs_L: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per position: 1-based document number within the row, and position in that document."""
+    index_L = np.arange(len(inputs_L), dtype=np.int32)
+    starts_L = np.ones(len(inputs_L), dtype=bool)
+    starts_L[1:] = inputs_L[:-1] == eos_id
+    segment_ids_L = np.cumsum(starts_L, dtype=np.int32)
+    start_of_segment_L = np.maximum.accumulate(np.where(starts_L, index_L, 0))
+    return segment_ids_L, index_L - start_of_segment_L
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +104,8 @@ def make_splits(cfg: DataConfig, tokenizer: Tokenizer) -> Splits:
         stream = token_stream(documents, tokenizer)
         cut = len(stream) - max(2, int(len(stream) * cfg.eval_fraction))
         train, heldout = stream[:cut], stream[cut:]
-    return Splits(PackedRows(train, cfg.seq_len, tokenizer.pad_id),
-                  PackedRows(heldout, cfg.seq_len, tokenizer.pad_id))
+    return Splits(PackedRows(train, cfg.seq_len, tokenizer.pad_id, tokenizer.eos_id),
+                  PackedRows(heldout, cfg.seq_len, tokenizer.pad_id, tokenizer.eos_id))
 
 
 def train_dataset(rows: PackedRows, *, seed: int, global_batch: int, process_index: int = 0,

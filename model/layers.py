@@ -60,7 +60,9 @@ class Attention(nnx.Module):
         self.theta = cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
 
-    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+                 mask_BxLxL: jax.Array) -> jax.Array:
+        """`mask_BxLxL[b, i, j]`: may position i attend to position j."""
         dt = self.dtype
         q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq_DxHxK[...].astype(dt))
         k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk_DxGxK[...].astype(dt))
@@ -75,8 +77,8 @@ class Attention(nnx.Module):
         q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, groups, heads // groups, head_dim)
         scores_BxGxRxLxL = jnp.einsum(
             "blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxLxGxK).astype(jnp.float32) * head_dim ** -0.5
-        causal_LxL = jnp.tril(jnp.ones((length, length), dtype=bool))
-        scores_BxGxRxLxL = jnp.where(causal_LxL, scores_BxGxRxLxL, jnp.finfo(jnp.float32).min)
+        mask_Bx1x1xLxL = mask_BxLxL[:, None, None]
+        scores_BxGxRxLxL = jnp.where(mask_Bx1x1xLxL, scores_BxGxRxLxL, jnp.finfo(jnp.float32).min)
         probs_BxGxRxLxL = jax.nn.softmax(scores_BxGxRxLxL, axis=-1).astype(dt)
         out_BxLxGxRxK = jnp.einsum("bgrlm,bmgk->blgrk", probs_BxGxRxLxL, v_BxLxGxK)
         out_BxLxHxK = constrain(out_BxLxGxRxK.reshape(batch, length, heads, head_dim),

@@ -21,7 +21,7 @@ TOKENIZER = ByteTokenizer()
 
 def _rows(seq_len=16):
     docs = [f"document number {i} " * (i % 5 + 1) for i in range(40)]
-    return PackedRows(token_stream(docs, TOKENIZER), seq_len, TOKENIZER.pad_id)
+    return PackedRows(token_stream(docs, TOKENIZER), seq_len, TOKENIZER.pad_id, TOKENIZER.eos_id)
 
 
 def _batches(rows, seed, count, global_batch=8, **kwargs):
@@ -76,7 +76,7 @@ def test_process_shares_concatenate_to_the_global_batch():
 
 
 def test_last_row_is_padded_with_zero_weight():
-    rows = PackedRows(np.arange(20, dtype=np.int32), 8, pad_id=99)
+    rows = PackedRows(np.arange(20, dtype=np.int32), 8, pad_id=99, eos_id=98)
     assert len(rows) == 3
     last = rows[2]
     np.testing.assert_array_equal(last["inputs"], [16, 17, 18, 19, 99, 99, 99, 99])
@@ -85,7 +85,7 @@ def test_last_row_is_padded_with_zero_weight():
 
 
 def test_eval_batches_fill_with_zero_weight_rows():
-    rows = PackedRows(np.arange(50, dtype=np.int32), 8, pad_id=99)
+    rows = PackedRows(np.arange(50, dtype=np.int32), 8, pad_id=99, eos_id=98)
     batches = list(eval_batches(rows, batch_size=4, max_batches=5))
     assert len(batches) == 2
     assert batches[1]["weights"][3].sum() == 0 and batches[1]["weights"][0].sum() > 0
@@ -122,3 +122,18 @@ def test_bad_data_paths_are_named(tmp_path, setup, message):
     path = setup(tmp_path)
     with pytest.raises(DataError, match=message):
         load_documents(str(path))
+
+
+def test_segment_ids_and_positions_restart_after_each_document():
+    eos, pad = TOKENIZER.eos_id, TOKENIZER.pad_id
+    stream = np.array([5, 6, 7, eos, 8, 9, eos, 4, eos], dtype=np.int32)
+    rows = PackedRows(stream, seq_len=6, pad_id=pad, eos_id=eos)
+    first, last = rows[0], rows[1]
+    np.testing.assert_array_equal(first["inputs"], [5, 6, 7, eos, 8, 9])
+    np.testing.assert_array_equal(first["segment_ids"], [1, 1, 1, 1, 2, 2])
+    np.testing.assert_array_equal(first["positions"], [0, 1, 2, 3, 0, 1])
+    # The row starts with the end of a document cut by the row boundary.
+    np.testing.assert_array_equal(last["inputs"], [eos, 4, eos, pad, pad, pad])
+    np.testing.assert_array_equal(last["segment_ids"], [1, 2, 0, 0, 0, 0])
+    np.testing.assert_array_equal(last["positions"][:2], [0, 0])
+    np.testing.assert_array_equal(last["weights"], [1, 1, 0, 0, 0, 0])

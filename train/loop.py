@@ -171,11 +171,10 @@ def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, replicated), donate_argnums=0)
     rows, seq = config.train.batch_size, config.data.seq_len
-    batch_shapes = {
-        "inputs": jax.ShapeDtypeStruct((rows, seq), np.int32, sharding=batch_sharding),
-        "targets": jax.ShapeDtypeStruct((rows, seq), np.int32, sharding=batch_sharding),
-        "weights": jax.ShapeDtypeStruct((rows, seq), np.float32, sharding=batch_sharding),
-    }
+    dtypes = {"inputs": np.int32, "targets": np.int32, "weights": np.float32,
+              "segment_ids": np.int32, "positions": np.int32}
+    batch_shapes = {name: jax.ShapeDtypeStruct((rows, seq), dtype, sharding=batch_sharding)
+                    for name, dtype in dtypes.items()}
     state_shapes = train_state.with_shardings(train_state.abstract_state(config, tx), shardings)
     started, hits = time.perf_counter(), compile_cache.hits()
     compiled = jitted.lower(state_shapes, batch_shapes).compile()

@@ -16,7 +16,8 @@ Batch = dict[str, jax.Array]
 
 def loss_fn(params: dict[str, Any], batch: Batch, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """Mean next-token cross-entropy of the batch, and the number of tokens it averages."""
-    logits_BxLxV = model.merge(cfg, params)(batch["inputs"])
+    logits_BxLxV = model.merge(cfg, params)(batch["inputs"], batch["positions"],
+                                            batch["segment_ids"])
     return model.cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
 
 
