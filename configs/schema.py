@@ -58,7 +58,12 @@ class DataConfig:
     """Where training text comes from and how it is cut into rows."""
 
     path: str = ""
-    """Directory (or file) of .txt / .jsonl documents; empty means the embedded default corpus."""
+    """A prepared dataset (from `python -m input.prepare`), or a directory/file of .txt / .jsonl
+    documents tokenized at start-up; empty means the embedded default corpus."""
+    tokenizer: str = "bytes"
+    """Tokenizer; a prepared dataset must have been made with the same one."""
+    verify_checksums: bool = True
+    """Check every prepared shard's CRC32 at start-up (sizes are always checked)."""
     jsonl_field: str = "text"
     """Field that holds the document text in .jsonl files."""
     seq_len: int = 128

@@ -10,10 +10,11 @@ from input.pipeline import (
     train_dataset,
     train_iterator,
 )
+from input.prepared import open_prepared
 from input.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
 
 __all__ = [
     "ByteTokenizer", "DataError", "PackedRows", "Splits", "Tokenizer", "default_corpus",
-    "eval_batches", "get_tokenizer", "load_documents", "make_splits", "token_stream",
-    "train_dataset", "train_iterator",
+    "eval_batches", "get_tokenizer", "load_documents", "make_splits", "open_prepared",
+    "token_stream", "train_dataset", "train_iterator",
 ]

@@ -21,6 +21,7 @@ import numpy as np
 
 from configs.schema import DataConfig
 from input.corpus import DataError, load_documents
+from input.prepared import StreamWindow, is_prepared, open_prepared
 from input.tokenizer import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -89,11 +90,21 @@ def token_stream(documents: list[str], tokenizer: Tokenizer) -> np.ndarray:
 
 
 def make_splits(cfg: DataConfig, tokenizer: Tokenizer) -> Splits:
-    """Train and held-out rows: every round(1/eval_fraction)-th document is held out.
+    """Train and held-out rows.
 
-    With too few documents for that, the last eval_fraction of the token stream
-    is held out instead.
+    Raw text: every round(1/eval_fraction)-th document is held out (with too few
+    documents, the last eval_fraction of the token stream). A prepared dataset:
+    the last eval_fraction of its token stream.
     """
+    if is_prepared(cfg.path):
+        stream = open_prepared(cfg.path, tokenizer, cfg.verify_checksums)
+        cut = len(stream) - max(cfg.seq_len + 1, int(len(stream) * cfg.eval_fraction))
+        if cut < 2:
+            raise DataError(f"{cfg.path}: {len(stream)} tokens are too few for a train split "
+                            f"and a held-out split of seq_len {cfg.seq_len}")
+        train, heldout = StreamWindow(stream, 0, cut), StreamWindow(stream, cut, len(stream))
+        return Splits(PackedRows(train, cfg.seq_len, tokenizer.pad_id, tokenizer.eos_id),
+                      PackedRows(heldout, cfg.seq_len, tokenizer.pad_id, tokenizer.eos_id))
     documents = load_documents(cfg.path, cfg.jsonl_field)
     every = max(2, round(1 / cfg.eval_fraction))
     held_out = documents[::every]

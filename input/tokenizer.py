@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+import hashlib
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -19,6 +20,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: np.ndarray | list[int]) -> str: ...
 
+    def identity(self) -> dict[str, Any]: ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes are ids 0..255; then end-of-document and padding."""
@@ -34,6 +37,17 @@ class ByteTokenizer:
     def decode(self, ids: np.ndarray | list[int]) -> str:
         data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
         return data.decode("utf-8", errors="replace")
+
+    def identity(self) -> dict[str, Any]:
+        """Name, size and a hash of everything that decides the ids (kept in manifests)."""
+        spec = f"utf-8 bytes 0-255; eos={self.eos_id}; pad={self.pad_id}".encode()
+        return {"name": self.name, "vocab_size": self.vocab_size,
+                "sha256": hashlib.sha256(spec).hexdigest()}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
 def get_tokenizer(name: str = "bytes") -> Tokenizer:

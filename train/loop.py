@@ -66,7 +66,7 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
     config = configs.validate(config)
     say(f"config:\n{configs.to_json(config)}")
     mesh = sharding.make_mesh(config.mesh, devices)
-    tokenizer = data_input.get_tokenizer()
+    tokenizer = data_input.get_tokenizer(config.data.tokenizer)
     _check_fits(config, mesh, tokenizer)
     splits = data_input.make_splits(config.data, tokenizer)
     platform = mesh.devices.flat[0].platform

@@ -1,0 +1,22 @@
+"""The on-disk layout of a prepared dataset, shared by the writer and the reader."""
+
+from __future__ import annotations
+
+import pathlib
+import zlib
+
+MANIFEST = "manifest.json"
+FORMAT = "io-first-lm/token-shards/v1"
+
+
+def shard_file(root: pathlib.Path, name: str, kind: str) -> pathlib.Path:
+    """`kind` is "tokens" (token ids) or "docs" (document end offsets)."""
+    return root / f"{name}.{kind}.npy"
+
+
+def file_crc32(path: pathlib.Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc

@@ -1,0 +1,149 @@
+"""Offline prepare: shards, manifest, resumability, and reading the result back."""
+
+import gzip
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import TINY_OVERRIDES, tiny_config
+from input import ByteTokenizer, DataError, make_splits, open_prepared, token_stream
+from input.prepare import prepare
+
+TOKENIZER = ByteTokenizer()
+DOCS = [f"document {i}: " + "word " * (i * 7 % 50) + "\u00e9t\u00e9" for i in range(30)]
+
+
+def _sources(tmp_path):
+    src = tmp_path / "src"
+    (src / "nested").mkdir(parents=True)
+    with open(src / "a.jsonl", "w") as f:
+        for doc in DOCS[:20]:
+            f.write(json.dumps({"text": doc}) + "\n")
+    with gzip.open(src / "nested" / "b.jsonl.gz", "wt") as f:
+        for doc in DOCS[20:]:
+            f.write(json.dumps({"text": doc}) + "\n")
+    (src / "c.txt").write_text("a long text file " * 200)
+    return src
+
+
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def _quiet(_):
+    pass
+
+
+def test_prepared_stream_is_the_documents_in_order_with_separators(tmp_path):
+    src = _sources(tmp_path)
+    manifest = prepare([str(src)], tmp_path / "out", shard_mb=0.001, workers=1, report=_quiet)
+    expected = token_stream(DOCS[:20] + ["a long text file " * 200] + DOCS[20:], TOKENIZER)
+    stream = open_prepared(str(tmp_path / "out"), TOKENIZER)
+    np.testing.assert_array_equal(stream[0:len(stream)], expected)
+    assert manifest["documents"] == 31 and manifest["tokens"] == len(expected)
+    assert manifest["token_dtype"] == "uint16"
+    assert len(manifest["shards"]) > 3  # the .txt document was split over several shards
+    assert manifest["tokenizer"] == TOKENIZER.identity()
+
+
+def test_killed_prepare_resumes_and_is_byte_identical(tmp_path):
+    src = _sources(tmp_path)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    prepare([str(src)], whole, shard_mb=0.001, workers=2, report=_quiet)
+    shutil.copytree(whole, resumed)
+    # As if killed: two shards never finished, one mid-write, no manifest yet.
+    for name in ("shard-00001", "shard-00004"):
+        (resumed / f"{name}.json").unlink()
+    (resumed / "shard-00004.tokens.npy").write_bytes(b"partial")
+    (resumed / "shard-00002.json").unlink()
+    (resumed / "shard-00002.tokens.npy").unlink()
+    (resumed / "manifest.json").unlink()
+    messages = []
+    prepare([str(src)], resumed, shard_mb=0.001, workers=1, report=messages.append)
+    shards = len(json.loads((whole / "manifest.json").read_text())["shards"])
+    assert messages[0] == f"3 files -> {shards} shards ({shards - 3} already done)"
+    assert _snapshot(resumed) == _snapshot(whole)
+
+
+def test_training_rows_from_a_prepared_dataset_cover_every_token(tmp_path):
+    src = _sources(tmp_path)
+    prepare([str(src)], tmp_path / "out", shard_mb=0.001, workers=1, report=_quiet)
+    config = tiny_config(f"data.path={tmp_path / 'out'}", "data.seq_len=16")
+    splits = make_splits(config.data, TOKENIZER)
+    stream = open_prepared(str(tmp_path / "out"), TOKENIZER)
+    cut = len(splits.train.stream)
+    assert cut + len(splits.eval.stream) == len(stream)
+    for rows, expected in ((splits.train, stream[1:cut]), (splits.eval, stream[cut + 1:])):
+        targets = [rows[i]["targets"][rows[i]["weights"] > 0] for i in range(len(rows))]
+        np.testing.assert_array_equal(np.concatenate(targets), expected)
+
+
+def test_tokenizer_mismatch_is_refused_naming_both(tmp_path):
+    src = _sources(tmp_path)
+    prepare([str(src)], tmp_path / "out", workers=1, report=_quiet)
+    manifest_path = tmp_path / "out" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tokenizer"]["sha256"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"(?s)prepared with tokenizer .*'0000.*configured with"):
+        open_prepared(str(tmp_path / "out"), TOKENIZER)
+
+
+def test_corrupted_and_truncated_shards_are_named(tmp_path):
+    src = _sources(tmp_path)
+    prepare([str(src)], tmp_path / "out", shard_mb=0.001, workers=1, report=_quiet)
+    shard = tmp_path / "out" / "shard-00001.tokens.npy"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"shard {shard} fails its CRC32"):
+        open_prepared(str(tmp_path / "out"), TOKENIZER)
+    shard.write_bytes(bytes(data[:200]))
+    with pytest.raises(DataError, match=rf"shard {shard} (is truncated|holds)"):
+        open_prepared(str(tmp_path / "out"), TOKENIZER, verify=False)
+
+
+def test_bad_sources_are_named_and_bad_lines_counted(tmp_path):
+    with pytest.raises(DataError, match="matches no"):
+        prepare([str(tmp_path / "nothing")], tmp_path / "out", report=_quiet)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="hold no text"):
+        prepare([str(src)], tmp_path / "out", workers=1, report=_quiet)
+    (src / "x.jsonl").write_bytes(b'{"text": "ok \\u00e9"}\n{"body": "no field"}\n'
+                                  b'{"text": "bad \xff byte"}\n')
+    messages = []
+    manifest = prepare([str(src)], tmp_path / "out2", workers=1, report=messages.append)
+    assert manifest["documents"] == 2
+    assert any("skipped 1 line(s) without the text field" in m for m in messages)
+    assert any("replaced 1 undecodable" in m for m in messages)
+    (src / "y.jsonl").write_text('{"text": "a"}\n{broken\n')
+    with pytest.raises(DataError, match=r"y\.jsonl: line 2"):
+        prepare([str(src)], tmp_path / "out3", workers=1, report=_quiet)
+
+
+def test_prepare_cli_reports_progress_and_trains(tmp_path):
+    src = _sources(tmp_path)
+    repo = str(pathlib.Path(__file__).resolve().parent.parent)
+    result = subprocess.run([sys.executable, "-m", "input.prepare", str(src), "--out",
+                             str(tmp_path / "out"), "--workers", "2", "--shard-mb", "0.002"],
+                            cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MB/s" in result.stdout and "tokens/s" in result.stdout and "ETA" in result.stdout
+    assert "wrote" in result.stdout and "31 documents" in result.stdout
+    assert "RuntimeWarning" not in result.stderr
+    missing = subprocess.run([sys.executable, "-m", "input.prepare", str(tmp_path / "none"),
+                              "--out", str(tmp_path / "o2")], cwd=repo, capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "matches no" in missing.stderr
+    trained = subprocess.run([sys.executable, "-m", "train", *TINY_OVERRIDES, "train.steps=2",
+                              f"data.path={tmp_path / 'out'}", f"run_dir={tmp_path / 'run'}"],
+                             cwd=repo, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "eval: held-out loss" in trained.stdout
