@@ -1,5 +1,6 @@
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -53,3 +54,20 @@ def test_resumed_run_ends_bit_identical_to_uninterrupted_run(tmp_path):
     for a, b in zip(jax.tree.leaves(whole.state), jax.tree.leaves(second.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert whole.losses[6] == second.losses[6]
+
+
+def test_resume_on_fewer_devices_continues_with_the_same_batches(tmp_path):
+    """Elastic resume: a run checkpointed on 8 devices continues on 2 or 1 device with the
+    same global batches, so its losses follow the uninterrupted 8-device run."""
+    common = ("train.steps=5", "checkpoint.every=2", "train.log_every=1", "train.eval_batches=0")
+    whole = run(tiny_config(*common, "mesh.data=1", "mesh.fsdp=8", f"run_dir={tmp_path / 'w'}"))
+    run(tiny_config(*common, "mesh.data=1", "mesh.fsdp=8", "train.stop_after=2",
+                    f"run_dir={tmp_path / 'base'}"))
+    for devices in (2, 1):
+        run_dir = tmp_path / f"on{devices}"
+        shutil.copytree(tmp_path / "base", run_dir)
+        resumed = run(tiny_config(*common, "mesh.data=1", "mesh.fsdp=-1", f"run_dir={run_dir}"),
+                      devices=jax.devices()[:devices])
+        assert resumed.start_step == 2
+        np.testing.assert_allclose([resumed.losses[s] for s in (3, 4, 5)],
+                                   [whole.losses[s] for s in (3, 4, 5)], rtol=1e-5)
