@@ -93,6 +93,7 @@ def validate(config: Config) -> Config:
         "train.steps": t.steps, "train.batch_size": t.batch_size,
         "train.log_every": t.log_every, "checkpoint.keep": config.checkpoint.keep,
         "data.read_threads": d.read_threads, "data.prefetch_batches": d.prefetch_batches,
+        "data.device_prefetch": d.device_prefetch,
     }
     for key, value in positive.items():
         if value <= 0:

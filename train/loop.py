@@ -20,6 +20,7 @@ import sharding
 from configs.schema import Config
 from train import compile_cache
 from train import state as train_state
+from train.feed import DeviceFeed
 from train.optimizer import lr_schedule, make_optimizer
 from train.preemption import Preemption
 from train.step import eval_step, train_step
@@ -194,29 +195,31 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
     if start >= end:
         say(f"nothing to train: checkpoint is at step {start}, run ends at {end}")
         return state, {}, 0.0
-    batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
     saved_config = configs.to_dict(config)
     losses: dict[int, float] = {}
     started = time.perf_counter()
     meter = _Meter(started, start)
     pending = None
-    for step in range(start, end):
-        waited = time.perf_counter()
-        batch = sharding.to_global(next(batches), batch_sharding)
-        meter.data_wait += time.perf_counter() - waited
-        state, metrics = step_fn(state, batch)
-        if pending is not None:
-            _report(config, *pending, meter, losses)
-        pending = (step + 1, metrics)
-        stop = preemption.should_stop(step + 1)
-        last = stop or step + 1 == end
-        if last:  # the final figures do not wait for the final save
-            _report(config, *pending, meter, losses, force=True)
-            elapsed = time.perf_counter() - started
-        if last or ckpt.should_save(step + 1) or preemption.take_save_request():
-            ckpt.save(step + 1, state, batches.get_state(), saved_config)
-        if stop:
-            break
+    feed = DeviceFeed(batches, sharding.batch_sharding(mesh, config.mesh.rules),
+                      depth=config.data.device_prefetch)
+    with feed:
+        for step in range(start, end):
+            waited = time.perf_counter()
+            batch, position = next(feed)
+            meter.data_wait += time.perf_counter() - waited
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                _report(config, *pending, meter, losses)
+            pending = (step + 1, metrics)
+            stop = preemption.should_stop(step + 1)
+            last = stop or step + 1 == end
+            if last:  # the final figures do not wait for the final save
+                _report(config, *pending, meter, losses, force=True)
+                elapsed = time.perf_counter() - started
+            if last or ckpt.should_save(step + 1) or preemption.take_save_request():
+                ckpt.save(step + 1, state, position, saved_config)
+            if stop:
+                break
     return state, losses, elapsed
 
 
