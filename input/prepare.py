@@ -34,9 +34,11 @@ import numpy as np
 
 from input.corpus import DataError
 from input.shards import FORMAT, MANIFEST, file_crc32, shard_file
-from input.tokenizer import Tokenizer, get_tokenizer, token_dtype
+from input.tokenizer import Tokenizer, get_tokenizer, token_dtype, train_bpe
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+ENCODE_BATCH = 512  # documents per tokenizer call: the Rust tokenizers parallelise a batch
+TRAINED_TOKENIZER = "tokenizer.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,12 +146,11 @@ def iter_documents(unit: Unit, field: str, counts: _Counts) -> Iterator[tuple[st
         # A .txt file is one document; it ends in the unit that reaches the end of file.
         size = os.path.getsize(unit.path)
         ends = size > 0 and (unit.end < 0 or unit.end >= size)
-        for line in _read_range(unit):
-            counts.raw_bytes += len(line)
-            yield _decode(line, counts), False
-        if ends:
-            counts.documents += 1
-            yield "", True
+        raw = b"".join(_read_range(unit))  # at most about --shard-mb
+        counts.raw_bytes += len(raw)
+        counts.documents += int(ends)
+        if raw or ends:
+            yield _decode(raw, counts), ends
         return
     for number, line in enumerate(_read_range(unit), start=1):
         counts.raw_bytes += len(line)
@@ -168,6 +169,17 @@ def iter_documents(unit: Unit, field: str, counts: _Counts) -> Iterator[tuple[st
             counts.skipped_lines += 1
 
 
+def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as f:
@@ -180,14 +192,15 @@ def tokenize_unit(unit: Unit, tokenizer_name: str, field: str, out: str) -> dict
     tokenizer = get_tokenizer(tokenizer_name)
     dtype = token_dtype(tokenizer.vocab_size)
     counts, pieces, doc_ends, length = _Counts(), [], [], 0
-    for text, ends in iter_documents(unit, field, counts):
-        ids = tokenizer.encode(text) if text else np.zeros(0, np.int32)
-        if ends:
-            ids = np.append(ids, tokenizer.eos_id)
-        pieces.append(ids.astype(dtype))
-        length += len(ids)
-        if ends:
-            doc_ends.append(length)
+    for batch in _batched(iter_documents(unit, field, counts), ENCODE_BATCH):
+        for ids, (_, ends) in zip(tokenizer.encode_batch([t for t, _ in batch]), batch,
+                                  strict=True):
+            if ends:
+                ids = np.append(ids, tokenizer.eos_id)
+            pieces.append(ids.astype(dtype))
+            length += len(ids)
+            if ends:
+                doc_ends.append(length)
     out_dir = pathlib.Path(out)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
     _save_atomic(shard_file(out_dir, unit.name, "tokens"), tokens)
@@ -230,12 +243,18 @@ def _progress(done: int, total: int, raw: int, raw_total: int, tokens: int,
 
 def prepare(sources: list[str], out: str | pathlib.Path, tokenizer: str = "bytes",
             field: str = "text", workers: int | None = None, shard_mb: float = 64.0,
-            report=print) -> dict[str, Any]:
-    """Tokenize `sources` into shards under `out` and write its manifest; resumable."""
+            train_tokenizer: int = 0, report=print) -> dict[str, Any]:
+    """Tokenize `sources` into shards under `out` and write its manifest; resumable.
+
+    With `train_tokenizer` = V, first train a byte-level BPE of V tokens on the
+    sources (once: a resumed run reuses it) and tokenize with it.
+    """
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = find_sources(sources)
     units = plan_units(files, max(1, int(shard_mb * 1e6)))
+    if train_tokenizer:
+        tokenizer = str(_trained_tokenizer(units, field, train_tokenizer, out, report))
     records: dict[int, dict[str, Any]] = {}
     for unit in units:
         if (record := _done(out, unit)) is not None:
@@ -259,6 +278,20 @@ def prepare(sources: list[str], out: str | pathlib.Path, tokenizer: str = "bytes
     tmp.rename(out / MANIFEST)
     _warn_about_input(manifest, report)
     return manifest
+
+
+def _trained_tokenizer(units: list[Unit], field: str, vocab_size: int, out: pathlib.Path,
+                       report) -> pathlib.Path:
+    path = out / TRAINED_TOKENIZER
+    if path.is_file():
+        report(f"using the tokenizer trained earlier: {path}")
+        return path
+    report(f"training a byte-level BPE of {vocab_size} tokens on the sources")
+    texts = (text for unit in units for text, _ in iter_documents(unit, field, _Counts()))
+    tmp = out / (TRAINED_TOKENIZER + ".tmp")
+    train_bpe(texts, vocab_size, tmp)
+    tmp.rename(path)
+    return path
 
 
 def _index(record: dict[str, Any]) -> int:
@@ -308,14 +341,17 @@ def main(argv: list[str] | None = None) -> int:
         "\n")[0])
     parser.add_argument("sources", nargs="+", help="files, directories or globs")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--tokenizer", default="bytes")
+    parser.add_argument("--tokenizer", default="bytes",
+                        help="'bytes', a tokenizer.json or a SentencePiece .model")
+    parser.add_argument("--train-tokenizer", type=int, default=0, metavar="VOCAB_SIZE",
+                        help="train a byte-level BPE on the sources and save it beside the data")
     parser.add_argument("--text-field", default="text", help="field of .jsonl records")
     parser.add_argument("--workers", type=int, default=None, help="default: all cores")
     parser.add_argument("--shard-mb", type=float, default=64.0, help="raw MB per shard")
     args = parser.parse_args(argv)
     try:
         manifest = prepare(args.sources, args.out, args.tokenizer, args.text_field,
-                           args.workers, args.shard_mb)
+                           args.workers, args.shard_mb, args.train_tokenizer)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

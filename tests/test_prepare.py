@@ -13,6 +13,8 @@ import pytest
 from conftest import TINY_OVERRIDES, tiny_config
 from input import ByteTokenizer, DataError, make_splits, open_prepared, token_stream
 from input.prepare import prepare
+from input.tokenizer import get_tokenizer, token_dtype
+from train import run
 
 TOKENIZER = ByteTokenizer()
 DOCS = [f"document {i}: " + "word " * (i * 7 % 50) + "\u00e9t\u00e9" for i in range(30)]
@@ -147,3 +149,58 @@ def test_prepare_cli_reports_progress_and_trains(tmp_path):
                              cwd=repo, capture_output=True, text=True, timeout=300)
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "eval: held-out loss" in trained.stdout
+
+
+def test_trained_bpe_tokenizer_prepares_resumes_and_trains(tmp_path):
+    src = _sources(tmp_path)
+    out = tmp_path / "out"
+    manifest = prepare([str(src)], out, shard_mb=0.001, workers=1, train_tokenizer=300,
+                       report=_quiet)
+    tokenizer = get_tokenizer(str(out / "tokenizer.json"))
+    assert tokenizer.vocab_size == 300 and manifest["tokenizer"] == tokenizer.identity()
+    stream = open_prepared(str(out), tokenizer)
+    first = stream[0:len(tokenizer.encode(DOCS[0])) + 1]
+    assert first[-1] == tokenizer.eos_id and tokenizer.decode(first[:-1]) == DOCS[0]
+    assert len(stream) < manifest["shards"][0]["raw_bytes"] * 10  # it compresses the text
+
+    before = _snapshot(out)
+    (out / "manifest.json").unlink()
+    messages = []
+    prepare([str(src)], out, shard_mb=0.001, workers=1, train_tokenizer=300,
+            report=messages.append)
+    assert any("using the tokenizer trained earlier" in m for m in messages)
+    assert _snapshot(out) == before
+
+    config = tiny_config(f"data.path={out}", f"data.tokenizer={out / 'tokenizer.json'}",
+                         "model.vocab_size=320",
+                         "train.steps=2", "train.eval_batches=1", f"run_dir={tmp_path / 'run'}")
+    assert run(config).final_step == 2
+    with pytest.raises(DataError, match=r"(?s)prepared with tokenizer.*hf:tokenizer\.json.*"
+                                        r"configured with.*'bytes'"):
+        run(tiny_config(f"data.path={out}", f"run_dir={tmp_path / 'run2'}"))
+
+
+def test_sentencepiece_model_prepares_a_dataset(tmp_path):
+    import sentencepiece
+
+    model = tmp_path / "sp.model"
+    with open(model, "wb") as f:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(DOCS * 3), model_writer=f, vocab_size=60,
+            model_type="bpe", pad_id=3)
+    tokenizer = get_tokenizer(str(model))
+    assert tokenizer.eos_id >= 0 and tokenizer.pad_id == 3
+    assert tokenizer.decode(tokenizer.encode("document 3: word")) == "document 3: word"
+    src = _sources(tmp_path)
+    manifest = prepare([str(src)], tmp_path / "out", tokenizer=str(model), workers=1,
+                       report=_quiet)
+    assert manifest["tokenizer"]["name"] == "sentencepiece:sp.model"
+    assert manifest["token_dtype"] == "uint16"
+    assert len(open_prepared(str(tmp_path / "out"), tokenizer)) == manifest["tokens"]
+
+
+def test_token_dtype_and_unknown_tokenizers():
+    assert token_dtype(258) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+    with pytest.raises(DataError, match="neither 'bytes' nor an existing file"):
+        get_tokenizer("gpt-17")
