@@ -118,6 +118,8 @@ def validate(config: Config) -> Config:
         raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {m.head_dim}")
     if not 0.0 < d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
+    if d.mixture and d.path:
+        raise ConfigError("data.path and data.mixture are both set; use one of them")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
     _validate_mesh(config)
@@ -209,8 +211,24 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return value
     elif typing.get_origin(hint) is tuple:
-        return _coerce_rules(key, value)
+        pair = typing.get_args(typing.get_args(hint)[0])
+        return _coerce_mixture(key, value) if pair[1] is float else _coerce_rules(key, value)
     raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _coerce_mixture(key: str, value: Any) -> tuple[tuple[str, float], ...]:
+    message = f"{key}: expected a list of [path, weight] pairs, got {value!r}"
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(message)
+    mixture = []
+    for pair in value:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool)):
+            raise ConfigError(message)
+        if not pair[1] > 0:
+            raise ConfigError(f"{key}: the weight of {pair[0]!r} must be positive, got {pair[1]}")
+        mixture.append((pair[0], float(pair[1])))
+    return tuple(mixture)
 
 
 def _coerce_rules(key: str, value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -236,5 +254,5 @@ def _type_name(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
     if isinstance(hint, types.GenericAlias) or typing.get_origin(hint):
-        return "a list of [logical_name, [mesh_axis, ...]] pairs"
+        return "a list of pairs"
     return str(hint)

@@ -60,6 +60,9 @@ class DataConfig:
     path: str = ""
     """A prepared dataset (from `python -m input.prepare`), or a directory/file of .txt / .jsonl
     documents tokenized at start-up; empty means the embedded default corpus."""
+    mixture: tuple[tuple[str, float], ...] = ()
+    """Prepared datasets sampled row by row by weight, e.g. [["data/web", 0.7], ["data/code",
+    0.3]]; replaces `path`."""
     tokenizer: str = "bytes"
     """Tokenizer; a prepared dataset must have been made with the same one."""
     verify_checksums: bool = True

@@ -14,7 +14,7 @@ which process reads a row, never which rows form a batch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
@@ -89,6 +89,26 @@ def token_stream(documents: list[str], tokenizer: Tokenizer) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    name: str
+    splits: Splits
+    weight: float
+
+
+def data_sources(cfg: DataConfig, tokenizer: Tokenizer) -> list[Source]:
+    """`data.path` as one source, or each dataset of `data.mixture` with its weight."""
+    if not cfg.mixture:
+        return [Source(cfg.path or "default corpus", make_splits(cfg, tokenizer), 1.0)]
+    sources = []
+    for path, weight in cfg.mixture:
+        if not is_prepared(path):
+            raise DataError(f"data.mixture: {path!r} is not a prepared dataset (no manifest.json)")
+        part = dataclasses.replace(cfg, path=path, mixture=())
+        sources.append(Source(path, make_splits(part, tokenizer), weight))
+    return sources
+
+
 def make_splits(cfg: DataConfig, tokenizer: Tokenizer) -> Splits:
     """Train and held-out rows.
 
@@ -119,16 +139,29 @@ def make_splits(cfg: DataConfig, tokenizer: Tokenizer) -> Splits:
                   PackedRows(heldout, cfg.seq_len, tokenizer.pad_id, tokenizer.eos_id))
 
 
-def train_dataset(rows: PackedRows, *, seed: int, global_batch: int, process_index: int = 0,
+def train_dataset(rows: PackedRows | Sequence[tuple[PackedRows, float]], *, seed: int,
+                  global_batch: int, process_index: int = 0,
                   process_count: int = 1) -> grain.MapDataset:
-    """This process's batches, in step order: element k is its share of global batch k."""
+    """This process's batches, in step order: element k is its share of global batch k.
+
+    `rows` is one dataset, or several (rows, weight) pairs that are each
+    shuffled per epoch and then mixed row by row in proportion to the weights.
+    """
     if global_batch % process_count:
         raise ValueError(
             f"train.batch_size ({global_batch}) must divide over {process_count} processes")
-    local_batch = global_batch // process_count
-    ds = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
-    ds = ds.batch(local_batch, drop_remainder=True)
+    if isinstance(rows, PackedRows):
+        ds = _epochs(rows, seed)
+    else:
+        parts = [_epochs(part, (seed + i) % 2**32) for i, (part, _) in enumerate(rows)]
+        ds = grain.MapDataset.mix(parts, [weight for _, weight in rows])
+    ds = ds.batch(global_batch // process_count, drop_remainder=True)
     return ds[process_index::process_count]
+
+
+def _epochs(rows: PackedRows, seed: int) -> grain.MapDataset:
+    """Endless epochs of the rows, each in its own shuffled order."""
+    return grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
 
 
 def train_iterator(ds: grain.MapDataset, cfg: DataConfig) -> grain.DatasetIterator:

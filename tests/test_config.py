@@ -64,3 +64,14 @@ def test_config_file_round_trip_and_file_errors(tmp_path):
 def test_invalid_combinations_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
         load(None, [override])
+
+
+def test_mixture_parses_and_bad_mixtures_name_the_field():
+    config = load(None, ['data.mixture=[["data/a", 0.7], ["data/b", 3]]'])
+    assert config.data.mixture == (("data/a", 0.7), ("data/b", 3.0))
+    with pytest.raises(ConfigError, match=r"data\.mixture: the weight of 'data/b' must be"):
+        load(None, ['data.mixture=[["data/a", 1], ["data/b", 0]]'])
+    with pytest.raises(ConfigError, match=r"data\.mixture: expected a list of \[path, weight\]"):
+        load(None, ['data.mixture=data/a'])
+    with pytest.raises(ConfigError, match="data.path and data.mixture are both set"):
+        load(None, ['data.mixture=[["data/a", 1]]', "data.path=x"])

@@ -137,3 +137,18 @@ def test_segment_ids_and_positions_restart_after_each_document():
     np.testing.assert_array_equal(last["segment_ids"], [1, 2, 0, 0, 0, 0])
     np.testing.assert_array_equal(last["positions"][:2], [0, 0])
     np.testing.assert_array_equal(last["weights"], [1, 1, 0, 0, 0, 0])
+
+
+def test_mixture_draws_rows_in_proportion_to_the_weights_deterministically():
+    low = PackedRows(np.arange(1, 100, dtype=np.int32).repeat(20), 16, 999, 998)
+    high = PackedRows(np.arange(500, 600, dtype=np.int32).repeat(20), 16, 999, 998)
+    mixture = [(low, 3.0), (high, 1.0)]
+    batches = _batches(mixture, 4, 50)
+    from_low = sum(int((b["inputs"][:, 0] < 100).sum()) for b in batches)
+    assert from_low == 300  # 3 of every 4 rows over 400 rows
+    again = _batches(mixture, 4, 50)
+    for a, b in zip(batches, again, strict=True):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+    shares = [_batches(mixture, 4, 50, process_index=p, process_count=2) for p in range(2)]
+    np.testing.assert_array_equal(
+        np.concatenate([shares[0][7]["inputs"], shares[1][7]["inputs"]]), batches[7]["inputs"])

@@ -204,3 +204,18 @@ def test_token_dtype_and_unknown_tokenizers():
     assert token_dtype(65537) == np.uint32
     with pytest.raises(DataError, match="neither 'bytes' nor an existing file"):
         get_tokenizer("gpt-17")
+
+
+def test_training_on_a_mixture_of_prepared_datasets(tmp_path, capsys):
+    src = _sources(tmp_path)
+    prepare([str(src / "a.jsonl")], tmp_path / "a", workers=1, report=_quiet)
+    prepare([str(src / "c.txt")], tmp_path / "c", workers=1, report=_quiet)
+    mixture = f'data.mixture=[["{tmp_path / "a"}", 0.5], ["{tmp_path / "c"}", 0.5]]'
+    result = run(tiny_config(mixture, "train.steps=2", "train.eval_batches=1",
+                             f"run_dir={tmp_path / 'run'}"))
+    out = capsys.readouterr().out
+    assert result.final_step == 2 and result.eval_loss is not None
+    assert f"eval {tmp_path / 'a'}: held-out loss" in out
+    assert f"eval {tmp_path / 'c'}: held-out loss" in out
+    with pytest.raises(DataError, match="is not a prepared dataset"):
+        run(tiny_config(f'data.mixture=[["{src}", 1.0]]', f"run_dir={tmp_path / 'r2'}"))

@@ -69,11 +69,12 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
     mesh = sharding.make_mesh(config.mesh, devices)
     tokenizer = data_input.get_tokenizer(config.data.tokenizer)
     _check_fits(config, mesh, tokenizer)
-    splits = data_input.make_splits(config.data, tokenizer)
+    sources = data_input.data_sources(config.data, tokenizer)
     platform = mesh.devices.flat[0].platform
-    say(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {platform} device(s); "
-        f"data: {len(splits.train)} train rows, {len(splits.eval)} held-out rows "
-        f"of {config.data.seq_len} tokens")
+    say(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {platform} device(s)")
+    for source in sources:
+        say(f"data {source.name} (weight {source.weight:g}): {len(source.splits.train)} train "
+            f"rows, {len(source.splits.eval)} held-out rows of {config.data.seq_len} tokens")
 
     if config.train.compile_cache:
         cache_dir = config.train.compile_cache_dir or pathlib.Path(config.run_dir) / "compile_cache"
@@ -85,8 +86,10 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
     try:
         state, position, step_fn = _restore_while_compiling(config, mesh, tx, shardings, ckpt)
         start = int(state.step)
+        train_rows = (sources[0].splits.train if len(sources) == 1 else
+                      [(source.splits.train, source.weight) for source in sources])
         dataset = data_input.train_dataset(
-            splits.train, seed=config.seed, global_batch=config.train.batch_size,
+            train_rows, seed=config.seed, global_batch=config.train.batch_size,
             process_index=jax.process_index(), process_count=jax.process_count())
         batches = data_input.train_iterator(dataset, config.data)
         batches.set_state(position)
@@ -100,7 +103,7 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
         say(f"stopped by signal {preemption.stop_signal} after step {int(state.step)}; "
             f"checkpoint written, run again with run_dir={config.run_dir} to resume")
         return RunResult(state, start, int(state.step), losses, None, True, seconds)
-    eval_loss = _evaluate(config, mesh, shardings.params, state.params, splits.eval)
+    eval_loss = _evaluate(config, mesh, shardings.params, state.params, sources)
     return RunResult(state, start, int(state.step), losses, eval_loss, False, seconds)
 
 
@@ -240,9 +243,9 @@ def _report(config: Config, step: int, metrics: dict[str, jax.Array], meter: _Me
 
 
 def _evaluate(config: Config, mesh: jax.sharding.Mesh, param_shardings: Any, params: Any,
-              rows: data_input.PackedRows) -> float | None:
-    """Mean held-out loss over up to train.eval_batches batches."""
-    if config.train.eval_batches == 0 or len(rows) == 0:
+              sources: list[data_input.Source]) -> float | None:
+    """Held-out loss of each source over up to train.eval_batches batches; their weighted mean."""
+    if config.train.eval_batches == 0:
         return None
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
 
@@ -251,13 +254,21 @@ def _evaluate(config: Config, mesh: jax.sharding.Mesh, param_shardings: Any, par
             return eval_step(params, batch, cfg=config.model)
 
     evaluate = jax.jit(step_fn, in_shardings=(param_shardings, batch_sharding))
-    loss_sum = tokens = 0.0
-    for batch in data_input.eval_batches(rows, config.train.batch_size,
-                                         config.train.eval_batches):
-        out = jax.device_get(evaluate(params, sharding.to_global(batch, batch_sharding)))
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-    loss = loss_sum / max(tokens, 1.0)
-    say(f"eval: held-out loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f} | "
-        f"{int(tokens):,} tokens")
-    return loss
+    losses = {}
+    for source in sources:
+        loss_sum = tokens = 0.0
+        for batch in data_input.eval_batches(source.splits.eval, config.train.batch_size,
+                                             config.train.eval_batches):
+            out = jax.device_get(evaluate(params, sharding.to_global(batch, batch_sharding)))
+            loss_sum += float(out["loss_sum"])
+            tokens += float(out["tokens"])
+        if tokens:
+            losses[source.name] = (loss_sum / tokens, source.weight, tokens)
+    if not losses:
+        return None
+    for name, (loss, _, tokens) in losses.items():
+        prefix = "eval:" if len(sources) == 1 else f"eval {name}:"
+        say(f"{prefix} held-out loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f} | "
+            f"{int(tokens):,} tokens")
+    total = sum(weight for _, weight, _ in losses.values())
+    return sum(loss * weight for loss, weight, _ in losses.values()) / total
