@@ -228,6 +228,12 @@ def _done(out: pathlib.Path, unit: Unit) -> dict[str, Any] | None:
     return record if same else None
 
 
+def _one_thread_each() -> None:
+    # The worker processes already use every core; a tokenizer that also spreads
+    # each batch over all cores would oversubscribe them.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def _work(args: tuple[Unit, str, str, str]) -> dict[str, Any]:
     return tokenize_unit(*args)
 
@@ -265,7 +271,9 @@ def prepare(sources: list[str], out: str | pathlib.Path, tokenizer: str = "bytes
     started, raw, tokens, last = time.perf_counter(), 0, 0, 0.0
     jobs = [(u, tokenizer, field, str(out)) for u in pending]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
+    pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread_each)
+            if workers > 1 else _Serial())
+    with pool:
         for record in pool.imap_unordered(_work, jobs):
             records[_index(record)] = record
             raw, tokens = raw + record["raw_bytes"], tokens + record["tokens"]

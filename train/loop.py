@@ -38,6 +38,8 @@ class RunResult:
     preempted: bool = False
     train_seconds: float = 0.0
     """Wall time of the step loop, from after compilation to the last step's metrics."""
+    data_wait_seconds: float = 0.0
+    """Part of train_seconds the loop spent waiting for its next batch."""
 
 
 @dataclasses.dataclass
@@ -94,17 +96,17 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
         batches = data_input.train_iterator(dataset, config.data)
         batches.set_state(position)
         with Preemption() as preemption:
-            state, losses, seconds = _train(config, mesh, step_fn, state, batches, ckpt,
-                                            preemption)
+            state, losses, seconds, waited = _train(config, mesh, step_fn, state, batches,
+                                                    ckpt, preemption)
         ckpt.wait()
     finally:
         ckpt.close()
     if preemption.stop_signal is not None:
         say(f"stopped by signal {preemption.stop_signal} after step {int(state.step)}; "
             f"checkpoint written, run again with run_dir={config.run_dir} to resume")
-        return RunResult(state, start, int(state.step), losses, None, True, seconds)
+        return RunResult(state, start, int(state.step), losses, None, True, seconds, waited)
     eval_loss = _evaluate(config, mesh, shardings.params, state.params, sources)
-    return RunResult(state, start, int(state.step), losses, eval_loss, False, seconds)
+    return RunResult(state, start, int(state.step), losses, eval_loss, False, seconds, waited)
 
 
 def _check_fits(config: Config, mesh: jax.sharding.Mesh, tokenizer: Any) -> None:
@@ -189,7 +191,7 @@ def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
 
 def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
            batches: Any, ckpt: checkpoint.Checkpointer,
-           preemption: Preemption) -> tuple[Any, dict[int, float], float]:
+           preemption: Preemption) -> tuple[Any, dict[int, float], float, float]:
     """The step loop. Metrics of step k are fetched after step k+1 is dispatched."""
     start = int(state.step)
     end = config.train.steps
@@ -197,11 +199,12 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
         end = min(end, start + config.train.stop_after)
     if start >= end:
         say(f"nothing to train: checkpoint is at step {start}, run ends at {end}")
-        return state, {}, 0.0
+        return state, {}, 0.0, 0.0
     saved_config = configs.to_dict(config)
     losses: dict[int, float] = {}
     started = time.perf_counter()
     meter = _Meter(started, start)
+    total_wait = 0.0
     pending = None
     feed = DeviceFeed(batches, sharding.batch_sharding(mesh, config.mesh.rules),
                       depth=config.data.device_prefetch)
@@ -209,7 +212,9 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
         for step in range(start, end):
             waited = time.perf_counter()
             batch, position = next(feed)
-            meter.data_wait += time.perf_counter() - waited
+            waited = time.perf_counter() - waited
+            meter.data_wait += waited
+            total_wait += waited
             state, metrics = step_fn(state, batch)
             if pending is not None:
                 _report(config, *pending, meter, losses)
@@ -223,7 +228,7 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
                 ckpt.save(step + 1, state, position, saved_config)
             if stop:
                 break
-    return state, losses, elapsed
+    return state, losses, elapsed, total_wait
 
 
 def _report(config: Config, step: int, metrics: dict[str, jax.Array], meter: _Meter,
