@@ -36,14 +36,17 @@ from input.corpus import DataError
 from input.shards import FORMAT, MANIFEST, file_crc32, shard_file
 from input.tokenizer import Tokenizer, get_tokenizer, token_dtype, train_bpe
 
-SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 ENCODE_BATCH = 512  # documents per tokenizer call: the Rust tokenizers parallelise a batch
 TRAINED_TOKENIZER = "tokenizer.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class Unit:
-    """One shard's worth of input: bytes [start, end) of a file (end -1: to the end)."""
+    """One shard's worth of input: bytes [start, end) of a file (end -1: to the end).
+
+    For .parquet files, start and end count row groups instead of bytes.
+    """
 
     index: int
     path: str
@@ -98,6 +101,10 @@ def plan_units(files: list[pathlib.Path], shard_bytes: int) -> list[Unit]:
     """Cut the input into units; depends only on the files and shard_bytes."""
     units: list[Unit] = []
     for path in files:
+        if path.suffix == ".parquet":
+            for group in range(_parquet(path).num_row_groups):
+                units.append(Unit(len(units), str(path), group, group + 1))
+            continue
         size = path.stat().st_size
         if path.name.endswith(".gz") or size == 0:
             units.append(Unit(len(units), str(path), 0, -1))
@@ -140,8 +147,38 @@ def _read_range(unit: Unit) -> Iterator[bytes]:
             yield line
 
 
+def _parquet(path: pathlib.Path | str):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataError(f"{path}: reading .parquet needs pyarrow "
+                        "(pip install 'io-first-lm[parquet]')") from e
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own types for a damaged file
+        raise DataError(f"{path}: not a readable parquet file ({e})") from e
+
+
+def _parquet_documents(unit: Unit, field: str, counts: _Counts) -> Iterator[tuple[str, bool]]:
+    table_file = _parquet(unit.path)
+    if field not in table_file.schema_arrow.names:
+        raise DataError(f"{unit.path}: no column {field!r} (columns: "
+                        f"{', '.join(table_file.schema_arrow.names)}); set --text-field")
+    for group in range(unit.start, unit.end):
+        for value in table_file.read_row_group(group, columns=[field]).column(0).to_pylist():
+            if isinstance(value, str):
+                counts.raw_bytes += len(value.encode("utf-8"))
+                counts.documents += 1
+                yield value, True
+            else:
+                counts.skipped_lines += 1
+
+
 def iter_documents(unit: Unit, field: str, counts: _Counts) -> Iterator[tuple[str, bool]]:
     """(text, ends_document) pieces of the unit, in order."""
+    if unit.path.endswith(".parquet"):
+        yield from _parquet_documents(unit, field, counts)
+        return
     if unit.path.endswith(".txt"):
         # A .txt file is one document; it ends in the unit that reaches the end of file.
         size = os.path.getsize(unit.path)
@@ -267,7 +304,7 @@ def prepare(sources: list[str], out: str | pathlib.Path, tokenizer: str = "bytes
             records[unit.index] = record
     pending = [u for u in units if u.index not in records]
     report(f"{len(files)} files -> {len(units)} shards ({len(records)} already done)")
-    total_raw = sum((u.end if u.end >= 0 else os.path.getsize(u.path)) - u.start for u in pending)
+    total_raw = sum(_unit_bytes(u) for u in pending)
     started, raw, tokens, last = time.perf_counter(), 0, 0, 0.0
     jobs = [(u, tokenizer, field, str(out)) for u in pending]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
@@ -286,6 +323,14 @@ def prepare(sources: list[str], out: str | pathlib.Path, tokenizer: str = "bytes
     tmp.rename(out / MANIFEST)
     _warn_about_input(manifest, report)
     return manifest
+
+
+def _unit_bytes(unit: Unit) -> int:
+    """Bytes of input the unit covers (a parquet unit: its share of the file), for the ETA."""
+    size = os.path.getsize(unit.path)
+    if unit.path.endswith(".parquet"):
+        return size // max(1, _parquet(unit.path).num_row_groups)
+    return (unit.end if unit.end >= 0 else size) - unit.start
 
 
 def _trained_tokenizer(units: list[Unit], field: str, vocab_size: int, out: pathlib.Path,

@@ -219,3 +219,22 @@ def test_training_on_a_mixture_of_prepared_datasets(tmp_path, capsys):
     assert f"eval {tmp_path / 'c'}: held-out loss" in out
     with pytest.raises(DataError, match="is not a prepared dataset"):
         run(tiny_config(f'data.mixture=[["{src}", 1.0]]', f"run_dir={tmp_path / 'r2'}"))
+
+
+def test_parquet_column_is_read_by_row_group(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    table = pa.table({"id": list(range(30)), "body": DOCS[:29] + [None]})
+    pq.write_table(table, src / "docs.parquet", row_group_size=10)
+    messages = []
+    manifest = prepare([str(src)], tmp_path / "out", field="body", workers=1,
+                       report=messages.append)
+    assert len(manifest["shards"]) == 3 and manifest["documents"] == 29
+    assert any("skipped 1 line(s)" in m for m in messages)
+    stream = open_prepared(str(tmp_path / "out"), TOKENIZER)
+    np.testing.assert_array_equal(stream[0:len(stream)], token_stream(DOCS[:29], TOKENIZER))
+    with pytest.raises(DataError, match=r"docs\.parquet: no column 'text' \(columns: id, body\)"):
+        prepare([str(src)], tmp_path / "out2", workers=1, report=_quiet)
