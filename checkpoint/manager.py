@@ -174,14 +174,7 @@ class Checkpointer:
 
     def verify(self, step: int) -> None:
         """Check the step's files against its checksums (steps written before them pass)."""
-        step_dir = self.directory / str(step)
-        if not integrity.has_checksums(step_dir):
-            self.report(f"warning: checkpoint step {step} has no checksums; not verified")
-            return
-        try:
-            integrity.verify(step_dir, step)
-        except integrity.DamagedCheckpointError as e:
-            raise CheckpointError(str(e)) from e
+        verify_step(self.directory, step, self.report)
 
     def read_config(self, step: int) -> dict[str, Any]:
         """Only the resolved config saved with a step."""
@@ -200,14 +193,21 @@ class Checkpointer:
             watcher.join(timeout=1.0)
 
 
+def verify_step(directory: pathlib.Path, step: int, report: Callable[[str], None]) -> None:
+    """CheckpointError naming the step and file unless the step's files match its checksums."""
+    step_dir = directory / str(step)
+    if not integrity.has_checksums(step_dir):
+        report(f"warning: checkpoint step {step} has no checksums; not verified")
+        return
+    try:
+        integrity.verify(step_dir, step)
+    except integrity.DamagedCheckpointError as e:
+        raise CheckpointError(str(e)) from e
+
+
 def restore_params(directory: str | pathlib.Path, step: int, target: Any) -> Any:
     """Only the parameters of a step (no optimizer state is read), into `target`'s shardings."""
-    step_dir = pathlib.Path(directory).absolute() / str(step)
-    if integrity.has_checksums(step_dir):
-        try:
-            integrity.verify(step_dir, step)
-        except integrity.DamagedCheckpointError as e:
-            raise CheckpointError(str(e)) from e
+    verify_step(pathlib.Path(directory).absolute(), step, print)
     manager = ocp.CheckpointManager(
         pathlib.Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state",))
