@@ -101,7 +101,7 @@ def validate(config: Config) -> Config:
     non_negative = {
         "train.eval_batches": t.eval_batches, "train.stop_after": t.stop_after,
         "checkpoint.every": config.checkpoint.every,
-        "checkpoint.keep_every": config.checkpoint.keep_every,
+        "checkpoint.keep_every": config.checkpoint.keep_every, "data.workers": d.workers,
         "optim.warmup_steps": config.optim.warmup_steps, "optim.grad_clip": config.optim.grad_clip,
         "optim.learning_rate": config.optim.learning_rate,
     }

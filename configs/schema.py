@@ -77,6 +77,8 @@ class DataConfig:
     """Grain threads that build rows and batches ahead of the step."""
     prefetch_batches: int = 4
     """Batches Grain keeps ready ahead of the step."""
+    workers: int = 0
+    """Grain worker processes building batches (0: threads of this process only)."""
     device_prefetch: int = 2
     """Global batches kept ready on the devices ahead of the step."""
 

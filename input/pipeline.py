@@ -164,11 +164,24 @@ def _epochs(rows: PackedRows, seed: int) -> grain.MapDataset:
     return grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
 
 
-def train_iterator(ds: grain.MapDataset, cfg: DataConfig) -> grain.DatasetIterator:
-    """Iterate with Grain threads building batches ahead; `get_state()` is the data position."""
+def train_iterator(ds: grain.MapDataset, cfg: DataConfig,
+                   start: int = 0) -> grain.DatasetIterator:
+    """Batches `start`, `start + 1`, ... built ahead by Grain threads (and worker processes).
+
+    The data position is just the number of batches consumed, so a run resumes
+    by starting here, with any number of workers; Grain's own iterator state
+    would tie a resume to the worker count.
+    """
     options = grain.ReadOptions(num_threads=cfg.read_threads,
                                 prefetch_buffer_size=cfg.prefetch_batches)
-    return iter(ds.to_iter_dataset(options))
+    batches = ds[start:].to_iter_dataset(options)
+    if cfg.workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
+    return iter(batches)
 
 
 def eval_batches(rows: PackedRows, batch_size: int, max_batches: int) -> Iterator[Batch]:

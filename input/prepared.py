@@ -18,11 +18,25 @@ def is_prepared(path: str) -> bool:
 
 
 class TokenStream:
-    """Several token arrays read as one: `len()` and slicing, across shard boundaries."""
+    """Several token arrays read as one: `len()` and slicing, across shard boundaries.
 
-    def __init__(self, shards: list[np.ndarray]):
+    Built from shard files it pickles as their paths, so Grain worker processes
+    map the files themselves instead of receiving a copy of the data.
+    """
+
+    def __init__(self, shards: list[np.ndarray], paths: list[pathlib.Path] | None = None):
+        self.paths = paths
         self.shards = [s for s in shards if len(s)]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+
+    @classmethod
+    def from_files(cls, paths: list[pathlib.Path]) -> TokenStream:
+        return cls([np.load(p, mmap_mode="r") for p in paths], paths)
+
+    def __reduce__(self):
+        if self.paths is None:
+            return TokenStream, (self.shards,)
+        return TokenStream.from_files, (self.paths,)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -81,7 +95,7 @@ def open_prepared(path: str, tokenizer: Tokenizer, verify: bool = True) -> Token
     shards = []
     for record in manifest["shards"]:
         shards.append(_open_shard(root, record, np.dtype(manifest["token_dtype"]), verify))
-    return TokenStream(shards)
+    return TokenStream(shards, [shard_file(root, r["name"], "tokens") for r in manifest["shards"]])
 
 
 def _open_shard(root: pathlib.Path, record: dict[str, Any], dtype: np.dtype,

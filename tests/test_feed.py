@@ -36,9 +36,6 @@ def test_feed_raises_the_pipeline_error_in_the_training_thread():
         def __next__(self):
             return next(self.items)
 
-        def get_state(self):
-            return {}
-
     mesh = sharding.make_mesh(tiny_config("mesh.data=8").mesh)
     with DeviceFeed(Iterator(), sharding.batch_sharding(mesh, tiny_config().mesh.rules)) as feed:
         batch, _ = next(feed)

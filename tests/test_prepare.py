@@ -238,3 +238,19 @@ def test_parquet_column_is_read_by_row_group(tmp_path):
     np.testing.assert_array_equal(stream[0:len(stream)], token_stream(DOCS[:29], TOKENIZER))
     with pytest.raises(DataError, match=r"docs\.parquet: no column 'text' \(columns: id, body\)"):
         prepare([str(src)], tmp_path / "out2", workers=1, report=_quiet)
+
+
+def test_prepared_stream_pickles_as_paths_for_worker_processes(tmp_path):
+    import pickle
+
+    src = _sources(tmp_path)
+    prepare([str(src)], tmp_path / "out", shard_mb=0.001, workers=1, report=_quiet)
+    stream = open_prepared(str(tmp_path / "out"), TOKENIZER)
+    data = pickle.dumps(stream)
+    assert len(data) < sum(len(str(path)) + 64 for path in stream.paths)  # no token data
+    np.testing.assert_array_equal(pickle.loads(data)[0:len(stream)], stream[0:len(stream)])
+    common = ("train.steps=2", "train.eval_batches=0", "train.log_every=1",
+              f"data.path={tmp_path / 'out'}")
+    threads = run(tiny_config(*common, f"run_dir={tmp_path / 'r1'}"))
+    workers = run(tiny_config(*common, "data.workers=2", f"run_dir={tmp_path / 'r2'}"))
+    assert workers.losses == threads.losses

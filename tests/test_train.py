@@ -71,3 +71,14 @@ def test_resume_on_fewer_devices_continues_with_the_same_batches(tmp_path):
         assert resumed.start_step == 2
         np.testing.assert_allclose([resumed.losses[s] for s in (3, 4, 5)],
                                    [whole.losses[s] for s in (3, 4, 5)], rtol=1e-5)
+
+
+def test_grain_worker_processes_give_the_same_run_and_resume_with_another_count(tmp_path):
+    common = ("train.steps=4", "checkpoint.every=2", "train.log_every=1", "train.eval_batches=0")
+    threads = run(tiny_config(*common, f"run_dir={tmp_path / 'threads'}"))
+    first = run(tiny_config(*common, "data.workers=2", "train.stop_after=2",
+                            f"run_dir={tmp_path / 'workers'}"))
+    resumed = run(tiny_config(*common, "data.workers=1", f"run_dir={tmp_path / 'workers'}"))
+    assert first.losses[2] == threads.losses[2]
+    assert resumed.start_step == 2
+    assert [resumed.losses[s] for s in (3, 4)] == [threads.losses[s] for s in (3, 4)]

@@ -17,14 +17,16 @@ _DONE = object()
 class DeviceFeed:
     """A background thread turns host batches into global arrays, `depth` steps ahead.
 
-    Each item comes with the data position just after its batch, so a checkpoint
+    Each item comes with the data position just after its batch (batches consumed
+    since the start of training), so a checkpoint
     saved after a step records exactly the batches that step consumed, however
     far the feed has read ahead.
     """
 
     def __init__(self, batches: grain.DatasetIterator, batch_sharding: NamedSharding,
-                 depth: int = 2):
+                 depth: int = 2, start: int = 0):
         self._batches = batches
+        self._next_index = start
         self._sharding = batch_sharding
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -35,7 +37,8 @@ class DeviceFeed:
         try:
             while not self._stop.is_set():
                 host = next(self._batches)
-                item = (sharding.to_global(host, self._sharding), self._batches.get_state())
+                self._next_index += 1
+                item = (sharding.to_global(host, self._sharding), {"next_index": self._next_index})
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)

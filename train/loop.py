@@ -93,8 +93,7 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
         dataset = data_input.train_dataset(
             train_rows, seed=config.seed, global_batch=config.train.batch_size,
             process_index=jax.process_index(), process_count=jax.process_count())
-        batches = data_input.train_iterator(dataset, config.data)
-        batches.set_state(position)
+        batches = data_input.train_iterator(dataset, config.data, position["next_index"])
         with Preemption() as preemption:
             state, losses, seconds, waited = _train(config, mesh, step_fn, state, batches,
                                                     ckpt, preemption)
@@ -207,7 +206,7 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
     total_wait = 0.0
     pending = None
     feed = DeviceFeed(batches, sharding.batch_sharding(mesh, config.mesh.rules),
-                      depth=config.data.device_prefetch)
+                      depth=config.data.device_prefetch, start=start)
     with feed:
         for step in range(start, end):
             waited = time.perf_counter()
