@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -25,7 +26,13 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import configs  # noqa: E402
-from input import default_corpus, get_tokenizer, make_splits, train_dataset  # noqa: E402
+from input import (  # noqa: E402
+    default_corpus,
+    get_tokenizer,
+    make_splits,
+    train_dataset,
+    train_iterator,
+)
 from input.tokenizer import train_bpe  # noqa: E402
 from train import run  # noqa: E402
 
@@ -87,7 +94,8 @@ def main() -> None:
                                    "train.eval_batches=1", "train.compile_cache=false"])
     splits = make_splits(config.data, get_tokenizer(config.data.tokenizer))
     dataset = train_dataset(splits.train, seed=0, global_batch=config.train.batch_size)
-    iterator = iter(dataset.to_iter_dataset())
+    with_workers = dataclasses.replace(config.data, workers=cores)
+    iterator = train_iterator(dataset, with_workers)
     next(iterator)
     rates = []
     for _ in range(3):
@@ -101,7 +109,7 @@ def main() -> None:
     result = run(config)
     step_tokens = (result.final_step - 1) * config.train.batch_size * config.data.seq_len
     consumed = step_tokens / result.train_seconds
-    print("\n2. training pipeline from the prepared dataset")
+    print(f"\n2. training pipeline from the prepared dataset ({cores} Grain workers)")
     print(f"   pipeline {pipeline:,.0f} tokens/s | tiny train step consumes {consumed:,.0f} "
           f"tokens/s | ratio {pipeline / consumed:.1f}x (target >= 20x)")
     print("\n3. data wait over a 200-step tiny run")

@@ -275,13 +275,16 @@ def _work(args: tuple[Unit, str, str, str]) -> dict[str, Any]:
     return tokenize_unit(*args)
 
 
-def _progress(done: int, total: int, raw: int, raw_total: int, tokens: int,
-              started: float) -> str:
+def _progress(units: list[Unit], records: dict[int, Any], raw: int, raw_total: int,
+              tokens: int, started: float) -> str:
     elapsed = max(time.perf_counter() - started, 1e-9)
     rate = raw / elapsed
     eta = (raw_total - raw) / rate if rate > 0 else float("nan")
-    return (f"shards {done}/{total} | {raw / 1e6:,.1f} MB | {rate / 1e6:.2f} MB/s | "
-            f"{tokens / elapsed:,.0f} tokens/s | ETA {eta:.0f} s")
+    pending_files = {u.path for u in units if u.index not in records}
+    files = len({u.path for u in units})
+    return (f"files {files - len(pending_files)}/{files} | shards {len(records)}/{len(units)} | "
+            f"{raw / 1e6:,.1f} MB | {rate / 1e6:.2f} MB/s | {tokens / elapsed:,.0f} tokens/s | "
+            f"ETA {eta:.0f} s")
 
 
 def prepare(sources: list[str], out: str | pathlib.Path, tokenizer: str = "bytes",
@@ -316,7 +319,7 @@ def prepare(sources: list[str], out: str | pathlib.Path, tokenizer: str = "bytes
             raw, tokens = raw + record["raw_bytes"], tokens + record["tokens"]
             if time.perf_counter() - last > 1.0 or len(records) == len(units):
                 last = time.perf_counter()
-                report(_progress(len(records), len(units), raw, total_raw, tokens, started))
+                report(_progress(units, records, raw, total_raw, tokens, started))
     manifest = _manifest(get_tokenizer(tokenizer), [records[u.index] for u in units], files)
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -378,6 +381,9 @@ def _manifest(tokenizer: Tokenizer, records: list[dict[str, Any]],
 
 
 def _warn_about_input(manifest: dict[str, Any], report) -> None:
+    for source in manifest["sources"]:
+        if os.path.getsize(source) == 0:
+            report(f"warning: {source} is empty; it adds no document")
     for record in manifest["shards"]:
         if record["replaced_bytes"]:
             report(f"warning: {record['source']} (bytes {record['start']}-{record['end']}): "

@@ -2,8 +2,10 @@
 
 import gzip
 import json
+import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ import pytest
 from conftest import TINY_OVERRIDES, tiny_config
 from input import ByteTokenizer, DataError, make_splits, open_prepared, token_stream
 from input.prepare import prepare
-from input.tokenizer import get_tokenizer, token_dtype
+from input.tokenizer import get_tokenizer, token_dtype, train_bpe
 from train import run
 
 TOKENIZER = ByteTokenizer()
@@ -254,3 +256,45 @@ def test_prepared_stream_pickles_as_paths_for_worker_processes(tmp_path):
     threads = run(tiny_config(*common, f"run_dir={tmp_path / 'r1'}"))
     workers = run(tiny_config(*common, "data.workers=2", f"run_dir={tmp_path / 'r2'}"))
     assert workers.losses == threads.losses
+
+
+def test_prepare_killed_mid_run_resumes_byte_identical(tmp_path):
+    """A real kill -9 of `python -m input.prepare` after its first finished shard."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for part in range(4):
+        with open(src / f"part-{part}.jsonl", "w") as f:
+            for i in range(300):
+                f.write(json.dumps({"text": f"{part} {i} " + " ".join(DOCS) * 2}) + "\n")
+    tokenizer = tmp_path / "tok.json"
+    train_bpe(iter(DOCS * 5), 400, tokenizer)
+    repo = str(pathlib.Path(__file__).resolve().parent.parent)
+
+    def command(out):
+        return [sys.executable, "-m", "input.prepare", str(src), "--out", str(out),
+                "--tokenizer", str(tokenizer), "--workers", "2", "--shard-mb", "0.5"]
+
+    subprocess.run(command(tmp_path / "whole"), cwd=repo, check=True, capture_output=True)
+    killed = subprocess.Popen(command(tmp_path / "killed"), cwd=repo, stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    for line in killed.stdout:
+        if line.startswith("files "):
+            os.killpg(killed.pid, signal.SIGKILL)  # the whole job, workers included
+            break
+    killed.wait()
+    done = len(list((tmp_path / "killed").glob("shard-*.json")))
+    total = len(json.loads((tmp_path / "whole" / "manifest.json").read_text())["shards"])
+    assert 0 < done < total and not (tmp_path / "killed" / "manifest.json").exists()
+    again = subprocess.run(command(tmp_path / "killed"), cwd=repo, check=True,
+                           capture_output=True, text=True)
+    assert f"({done} already done)" in again.stdout
+    finished = {k: v for k, v in _snapshot(tmp_path / "killed").items() if ".tmp" not in k}
+    assert finished == _snapshot(tmp_path / "whole")
+
+
+def test_empty_source_file_is_reported(tmp_path):
+    src = _sources(tmp_path)
+    (src / "empty.jsonl").write_text("")
+    messages = []
+    prepare([str(src)], tmp_path / "out", workers=1, report=messages.append)
+    assert any(m.endswith("empty.jsonl is empty; it adds no document") for m in messages)
