@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from conftest import TINY_OVERRIDES, tiny_config
-from train import run
+from train import metrics_log, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,3 +82,17 @@ def test_grain_worker_processes_give_the_same_run_and_resume_with_another_count(
     assert first.losses[2] == threads.losses[2]
     assert resumed.start_step == 2
     assert [resumed.losses[s] for s in (3, 4)] == [threads.losses[s] for s in (3, 4)]
+
+
+def test_metrics_jsonl_records_logged_steps_and_eval_and_appends_on_restart(tmp_path):
+    common = ("train.steps=4", "train.log_every=2", "train.eval_batches=1", f"run_dir={tmp_path}")
+    run(tiny_config(*common, "train.stop_after=2"))
+    first = metrics_log.read(tmp_path)
+    result = run(tiny_config(*common))
+    records = metrics_log.read(tmp_path)
+    assert records[:len(first)] == first  # appended, never overwritten
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 4]
+    assert records[-1]["eval_loss"] == result.eval_loss and records[-1]["step"] == 4
+    assert {r["step"]: r["loss"] for r in records if "loss" in r}[4] == result.losses[4]
+    assert all(r["tokens_per_s"] > 0 and r["data_wait_pct"] >= 0 for r in records if "loss" in r)

@@ -21,6 +21,7 @@ from configs.schema import Config
 from train import compile_cache
 from train import state as train_state
 from train.feed import DeviceFeed
+from train.metrics_log import MetricsLog
 from train.optimizer import lr_schedule, make_optimizer
 from train.preemption import Preemption
 from train.step import eval_step, train_step
@@ -104,7 +105,7 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
         say(f"stopped by signal {preemption.stop_signal} after step {int(state.step)}; "
             f"checkpoint written, run again with run_dir={config.run_dir} to resume")
         return RunResult(state, start, int(state.step), losses, None, True, seconds, waited)
-    eval_loss = _evaluate(config, mesh, shardings.params, state.params, sources)
+    eval_loss = _evaluate(config, mesh, shardings.params, state.params, sources, int(state.step))
     return RunResult(state, start, int(state.step), losses, eval_loss, False, seconds, waited)
 
 
@@ -200,6 +201,7 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
         say(f"nothing to train: checkpoint is at step {start}, run ends at {end}")
         return state, {}, 0.0, 0.0
     saved_config = configs.to_dict(config)
+    log = MetricsLog(config.run_dir)
     losses: dict[int, float] = {}
     started = time.perf_counter()
     meter = _Meter(started, start)
@@ -216,12 +218,12 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
             total_wait += waited
             state, metrics = step_fn(state, batch)
             if pending is not None:
-                _report(config, *pending, meter, losses)
+                _report(config, *pending, meter, losses, log)
             pending = (step + 1, metrics)
             stop = preemption.should_stop(step + 1)
             last = stop or step + 1 == end
             if last:  # the final figures do not wait for the final save
-                _report(config, *pending, meter, losses, force=True)
+                _report(config, *pending, meter, losses, log, force=True)
                 elapsed = time.perf_counter() - started
             if last or ckpt.should_save(step + 1) or preemption.take_save_request():
                 ckpt.save(step + 1, state, position, saved_config)
@@ -231,7 +233,7 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
 
 
 def _report(config: Config, step: int, metrics: dict[str, jax.Array], meter: _Meter,
-            losses: dict[int, float], force: bool = False) -> None:
+            losses: dict[int, float], log: MetricsLog, force: bool = False) -> None:
     if not (force or step == 1 or step % config.train.log_every == 0):
         return
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -240,14 +242,20 @@ def _report(config: Config, step: int, metrics: dict[str, jax.Array], meter: _Me
     losses[step] = values["loss"]
     elapsed, steps, wait = meter.interval(step, time.perf_counter())
     tokens = steps * config.train.batch_size * config.data.seq_len
-    say(f"step {step:6d} | loss {values['loss']:.4f} | lr {values['lr']:.2e} | "
-        f"grad norm {values['grad_norm']:.3f} | {tokens / max(elapsed, 1e-9):,.0f} tok/s | "
-        f"step {1e3 * elapsed / max(steps, 1):.1f} ms | data wait "
-        f"{1e3 * wait / max(steps, 1):.2f} ms ({100 * wait / max(elapsed, 1e-9):.1f}%)")
+    record = {
+        "step": step, "loss": values["loss"], "lr": values["lr"],
+        "grad_norm": values["grad_norm"], "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "step_ms": 1e3 * elapsed / max(steps, 1), "data_wait_ms": 1e3 * wait / max(steps, 1),
+        "data_wait_pct": 100 * wait / max(elapsed, 1e-9)}
+    log.write(record)
+    say(f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+        f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
+        f"step {record['step_ms']:.1f} ms | data wait {record['data_wait_ms']:.2f} ms "
+        f"({record['data_wait_pct']:.1f}%)")
 
 
 def _evaluate(config: Config, mesh: jax.sharding.Mesh, param_shardings: Any, params: Any,
-              sources: list[data_input.Source]) -> float | None:
+              sources: list[data_input.Source], step: int) -> float | None:
     """Held-out loss of each source over up to train.eval_batches batches; their weighted mean."""
     if config.train.eval_batches == 0:
         return None
@@ -270,7 +278,10 @@ def _evaluate(config: Config, mesh: jax.sharding.Mesh, param_shardings: Any, par
             losses[source.name] = (loss_sum / tokens, source.weight, tokens)
     if not losses:
         return None
+    log = MetricsLog(config.run_dir)
     for name, (loss, _, tokens) in losses.items():
+        log.write({"step": step, "dataset": name, "eval_loss": loss,
+                   "eval_perplexity": math.exp(min(loss, 50)), "eval_tokens": tokens})
         prefix = "eval:" if len(sources) == 1 else f"eval {name}:"
         say(f"{prefix} held-out loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f} | "
             f"{int(tokens):,} tokens")

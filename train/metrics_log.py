@@ -1,0 +1,33 @@
+"""`<run_dir>/metrics.jsonl`: one JSON object per logged step and per evaluation.
+
+A restarted run appends, so the file holds the whole history of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+
+FILENAME = "metrics.jsonl"
+
+
+class MetricsLog:
+    def __init__(self, run_dir: str | pathlib.Path):
+        self.path = pathlib.Path(run_dir) / FILENAME
+
+    def write(self, record: dict[str, Any]) -> None:
+        if jax.process_index() != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+
+def read(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
+    """Every record of a run, oldest first."""
+    path = pathlib.Path(run_dir) / FILENAME
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
