@@ -62,6 +62,8 @@ class Checkpointer:
         self._in_flight: collections.deque[_InFlight] = collections.deque()
         self._lock = threading.Lock()
         self._closed = False
+        self.blocked_seconds = 0.0
+        """Total time callers were blocked by saves, for the goodput report."""
         self._watchers: list[threading.Thread] = []
         keep: list[Any] = [policies.LatestN(cfg.keep)]
         if cfg.keep_every:
@@ -105,9 +107,10 @@ class Checkpointer:
         with self._lock:
             self._in_flight.append(_InFlight(step, started))
         self._manager.save(step, args=args, force=True)
-        blocked = time.perf_counter() - started
         if not self.cfg.async_save:
             self._on_written()
+        blocked = time.perf_counter() - started
+        self.blocked_seconds += blocked
         self.report(f"checkpoint step {step}: loop blocked {1e3 * blocked:.1f} ms")
         return blocked
 

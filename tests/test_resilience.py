@@ -59,6 +59,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 0, out[-2000:]
     assert "stopped by signal 15 after step" in out
+    assert "goodput:" in out and (tmp_path / "goodput.json").is_file()
     stopped = int(out.split("stopped by signal 15 after step ")[1].split(";")[0])
     assert 0 < stopped < 40
     ckpt = Checkpointer(tmp_path / "checkpoints", tiny_config().checkpoint)

@@ -1,3 +1,4 @@
+import json
 import os
 import re
 import shutil
@@ -8,7 +9,7 @@ import jax
 import numpy as np
 
 from conftest import TINY_OVERRIDES, tiny_config
-from train import metrics_log, run
+from train import goodput, metrics_log, run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,3 +97,17 @@ def test_metrics_jsonl_records_logged_steps_and_eval_and_appends_on_restart(tmp_
     assert records[-1]["eval_loss"] == result.eval_loss and records[-1]["step"] == 4
     assert {r["step"]: r["loss"] for r in records if "loss" in r}[4] == result.losses[4]
     assert all(r["tokens_per_s"] > 0 and r["data_wait_pct"] >= 0 for r in records if "loss" in r)
+
+
+def test_goodput_report_accounts_for_the_whole_wall_time(tmp_path, capsys):
+    run(tiny_config("train.steps=4", "checkpoint.every=2", "train.eval_batches=1",
+                    f"run_dir={tmp_path}"))
+    figures = json.loads((tmp_path / "goodput.json").read_text())
+    parts = {k: v for k, v in figures.items() if k != "total"}
+    assert set(parts) == set(goodput.CATEGORIES)
+    assert abs(sum(parts.values()) - figures["total"]) < 1e-6
+    assert all(v >= 0 for v in parts.values())
+    for category in ("initialisation", "compilation", "productive steps",
+                     "checkpoint blocking", "evaluation"):
+        assert parts[category] > 0, category
+    assert "goodput:" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from configs.schema import Config
 from train import compile_cache
 from train import state as train_state
 from train.feed import DeviceFeed
+from train.goodput import Goodput
 from train.metrics_log import MetricsLog
 from train.optimizer import lr_schedule, make_optimizer
 from train.preemption import Preemption
@@ -38,7 +39,7 @@ class RunResult:
     eval_loss: float | None
     preempted: bool = False
     train_seconds: float = 0.0
-    """Wall time of the step loop, from after compilation to the last step's metrics."""
+    """Wall time of the step loop, from after compilation to the last step's save."""
     data_wait_seconds: float = 0.0
     """Part of train_seconds the loop spent waiting for its next batch."""
 
@@ -67,6 +68,7 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
 
     `devices` defaults to all devices; the mesh in `config.mesh` is laid over them.
     """
+    clock = Goodput()
     config = configs.validate(config)
     say(f"config:\n{configs.to_json(config)}")
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -87,7 +89,8 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(config.run_dir), config.checkpoint,
                                    report=say)
     try:
-        state, position, step_fn = _restore_while_compiling(config, mesh, tx, shardings, ckpt)
+        state, position, step_fn = _restore_while_compiling(config, mesh, tx, shardings, ckpt,
+                                                            clock)
         start = int(state.step)
         train_rows = (sources[0].splits.train if len(sources) == 1 else
                       [(source.splits.train, source.weight) for source in sources])
@@ -95,17 +98,28 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
             train_rows, seed=config.seed, global_batch=config.train.batch_size,
             process_index=jax.process_index(), process_count=jax.process_count())
         batches = data_input.train_iterator(dataset, config.data, position["next_index"])
+        clock.add("initialisation", time.perf_counter() - clock.started
+                  - clock.seconds["compilation"])
         with Preemption() as preemption:
             state, losses, seconds, waited = _train(config, mesh, step_fn, state, batches,
                                                     ckpt, preemption)
+        loop_blocked = ckpt.blocked_seconds  # every save was inside the loop
+        waiting = time.perf_counter()
         ckpt.wait()
+        clock.add("checkpoint blocking", loop_blocked + time.perf_counter() - waiting)
+        clock.add("data wait", waited)
+        clock.add("productive steps", max(0.0, seconds - waited - loop_blocked))
     finally:
         ckpt.close()
     if preemption.stop_signal is not None:
         say(f"stopped by signal {preemption.stop_signal} after step {int(state.step)}; "
             f"checkpoint written, run again with run_dir={config.run_dir} to resume")
+        clock.save_and_print(config.run_dir, say)
         return RunResult(state, start, int(state.step), losses, None, True, seconds, waited)
+    evaluating = time.perf_counter()
     eval_loss = _evaluate(config, mesh, shardings.params, state.params, sources, int(state.step))
+    clock.add("evaluation", time.perf_counter() - evaluating)
+    clock.save_and_print(config.run_dir, say)
     return RunResult(state, start, int(state.step), losses, eval_loss, False, seconds, waited)
 
 
@@ -122,8 +136,8 @@ def _check_fits(config: Config, mesh: jax.sharding.Mesh, tokenizer: Any) -> None
 
 
 def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
-                             shardings: train_state.TrainState,
-                             ckpt: checkpoint.Checkpointer) -> tuple[Any, dict[str, Any], Any]:
+                             shardings: train_state.TrainState, ckpt: checkpoint.Checkpointer,
+                             clock: Goodput) -> tuple[Any, dict[str, Any], Any]:
     """State, data position and compiled step; restore and compilation overlap.
 
     Compiling needs only shapes and shardings, so a restarted run reads its
@@ -135,7 +149,9 @@ def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
         return state, position, None  # nothing left to train: no step to compile
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="restore") as pool:
         restoring = pool.submit(_restore_or_init, config, ckpt, tx, shardings)
+        compiling = time.perf_counter()
         step_fn = _compile_train_step(config, mesh, tx, shardings)
+        clock.add("compilation", time.perf_counter() - compiling)
         state, position = restoring.result()
     return state, position, step_fn
 
@@ -224,9 +240,10 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
             last = stop or step + 1 == end
             if last:  # the final figures do not wait for the final save
                 _report(config, *pending, meter, losses, log, force=True)
-                elapsed = time.perf_counter() - started
             if last or ckpt.should_save(step + 1) or preemption.take_save_request():
                 ckpt.save(step + 1, state, position, saved_config)
+            if last:
+                elapsed = time.perf_counter() - started
             if stop:
                 break
     return state, losses, elapsed, total_wait
