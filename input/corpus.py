@@ -41,10 +41,26 @@ def load_documents(path: str, jsonl_field: str = "text") -> list[str]:
     return documents
 
 
-def _read_text(file: pathlib.Path) -> str:
-    raw = file.read_bytes()
+def decode_utf8(raw: bytes) -> tuple[str, int]:
+    """The text, with each undecodable byte sequence replaced by U+FFFD, and how many were."""
     text = raw.decode("utf-8", errors="replace")
-    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if "\ufffd" not in text:
+        return text, 0
+    return text, text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+
+
+def jsonl_document(line: str, field: str, where: str) -> str | None:
+    """The string `field` of a JSONL record (None if absent); invalid JSON names `where`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from e
+    value = record.get(field) if isinstance(record, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _read_text(file: pathlib.Path) -> str:
+    text, bad = decode_utf8(file.read_bytes())
     if bad:
         log.warning("%s: replaced %d undecodable byte sequence(s) with U+FFFD", file, bad)
     return text
@@ -60,15 +76,11 @@ def _read_file(file: pathlib.Path, field: str) -> list[str]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{file}:{number}: not valid JSON ({e.msg})") from e
-        value = record.get(field) if isinstance(record, dict) else None
-        if isinstance(value, str):
-            documents.append(value)
-        else:
+        document = jsonl_document(line, field, f"{file}:{number}")
+        if document is None:
             missing += 1
+        else:
+            documents.append(document)
     if missing:
         log.warning("%s: skipped %d line(s) without a string field %r", file, missing, field)
     return documents

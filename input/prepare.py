@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from input.corpus import DataError
+from input.corpus import DataError, decode_utf8, jsonl_document
 from input.shards import FORMAT, MANIFEST, file_crc32, shard_file
 from input.tokenizer import Tokenizer, get_tokenizer, token_dtype, train_bpe
 
@@ -126,10 +126,8 @@ class _Counts:
 
 
 def _decode(raw: bytes, counts: _Counts) -> str:
-    text = raw.decode("utf-8", errors="replace")
-    if "\ufffd" in text:
-        legit = raw.decode("utf-8", errors="ignore").count("\ufffd")
-        counts.replaced_bytes += text.count("\ufffd") - legit
+    text, replaced = decode_utf8(raw)
+    counts.replaced_bytes += replaced
     return text
 
 
@@ -193,17 +191,13 @@ def iter_documents(unit: Unit, field: str, counts: _Counts) -> Iterator[tuple[st
         counts.raw_bytes += len(line)
         if not line.strip():
             continue
-        try:
-            record = json.loads(_decode(line, counts))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{unit.path}: line {number} of the shard starting at byte "
-                            f"{unit.start}: not valid JSON ({e.msg})") from e
-        value = record.get(field) if isinstance(record, dict) else None
-        if isinstance(value, str):
-            counts.documents += 1
-            yield value, True
-        else:
+        where = f"{unit.path}: line {number} of the shard starting at byte {unit.start}"
+        document = jsonl_document(_decode(line, counts), field, where)
+        if document is None:
             counts.skipped_lines += 1
+        else:
+            counts.documents += 1
+            yield document, True
 
 
 def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
