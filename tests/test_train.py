@@ -111,3 +111,11 @@ def test_goodput_report_accounts_for_the_whole_wall_time(tmp_path, capsys):
                      "checkpoint blocking", "evaluation"):
         assert parts[category] > 0, category
     assert "goodput:" in capsys.readouterr().out
+
+
+def test_log_lines_carry_the_checkpoint_blocking_of_their_interval(tmp_path):
+    run(tiny_config("train.steps=4", "train.log_every=2", "checkpoint.every=2",
+                    "train.eval_batches=0", f"run_dir={tmp_path}"))
+    records = {r["step"]: r for r in metrics_log.read(tmp_path) if "loss" in r}
+    assert records[1]["checkpoint_blocked_ms"] == 0.0  # no save before step 1's line
+    assert records[2]["checkpoint_blocked_ms"] > 0.0  # the step-2 save

@@ -51,11 +51,14 @@ class _Meter:
     last_time: float
     last_step: int
     data_wait: float = 0.0
+    checkpoint_blocked: float = 0.0
 
-    def interval(self, step: int, now: float) -> tuple[float, int, float]:
-        elapsed, steps, wait = now - self.last_time, step - self.last_step, self.data_wait
-        self.last_time, self.last_step, self.data_wait = now, step, 0.0
-        return elapsed, steps, wait
+    def interval(self, step: int, now: float) -> tuple[float, int, float, float]:
+        elapsed, steps = now - self.last_time, step - self.last_step
+        wait, blocked = self.data_wait, self.checkpoint_blocked
+        self.last_time, self.last_step = now, step
+        self.data_wait = self.checkpoint_blocked = 0.0
+        return elapsed, steps, wait, blocked
 
 
 def say(message: str) -> None:
@@ -241,7 +244,7 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
             if last:  # the final figures do not wait for the final save
                 _report(config, *pending, meter, losses, log, force=True)
             if last or ckpt.should_save(step + 1) or preemption.take_save_request():
-                ckpt.save(step + 1, state, position, saved_config)
+                meter.checkpoint_blocked += ckpt.save(step + 1, state, position, saved_config)
             if last:
                 elapsed = time.perf_counter() - started
             if stop:
@@ -257,18 +260,18 @@ def _report(config: Config, step: int, metrics: dict[str, jax.Array], meter: _Me
     if not math.isfinite(values["loss"]):
         raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping the run")
     losses[step] = values["loss"]
-    elapsed, steps, wait = meter.interval(step, time.perf_counter())
+    elapsed, steps, wait, blocked = meter.interval(step, time.perf_counter())
     tokens = steps * config.train.batch_size * config.data.seq_len
     record = {
         "step": step, "loss": values["loss"], "lr": values["lr"],
         "grad_norm": values["grad_norm"], "tokens_per_s": tokens / max(elapsed, 1e-9),
         "step_ms": 1e3 * elapsed / max(steps, 1), "data_wait_ms": 1e3 * wait / max(steps, 1),
-        "data_wait_pct": 100 * wait / max(elapsed, 1e-9)}
+        "data_wait_pct": 100 * wait / max(elapsed, 1e-9), "checkpoint_blocked_ms": 1e3 * blocked}
     log.write(record)
     say(f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
         f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
         f"step {record['step_ms']:.1f} ms | data wait {record['data_wait_ms']:.2f} ms "
-        f"({record['data_wait_pct']:.1f}%)")
+        f"({record['data_wait_pct']:.1f}%) | ckpt blocked {record['checkpoint_blocked_ms']:.0f} ms")
 
 
 def _evaluate(config: Config, mesh: jax.sharding.Mesh, param_shardings: Any, params: Any,
