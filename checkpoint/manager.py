@@ -68,10 +68,12 @@ class Checkpointer:
         keep: list[Any] = [policies.LatestN(cfg.keep)]
         if cfg.keep_every:
             keep.append(policies.EveryNSteps(cfg.keep_every))
+        # Orbax calls back only for asynchronous saves; `save` calls it for synchronous ones.
+        async_options = (ocp.AsyncOptions(post_finalization_callback=self._on_written)
+                         if cfg.async_save else None)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(keep),
-            enable_async_checkpointing=cfg.async_save, create=True,
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._on_written))
+            enable_async_checkpointing=cfg.async_save, create=True, async_options=async_options)
         handlers = {
             "state": ocp.PyTreeCheckpointHandler(use_compression=cfg.compress),
             "data": ocp.JsonCheckpointHandler(),

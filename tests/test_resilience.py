@@ -165,9 +165,12 @@ def test_async_save_blocks_less_than_the_whole_write(tmp_path):
     ckpt = Checkpointer(tmp_path, config.checkpoint, report=lambda _: None)
     started = time.perf_counter()
     blocked = ckpt.save(1, state, {"next_index": 1}, configs.to_dict(config))
+    committed_on_return = (tmp_path / "1").exists()  # Orbax renames a step in when done
     ckpt.wait()
     total = time.perf_counter() - started
     ckpt.close()
+    assert not committed_on_return  # the loop got control back before the write ended
+    assert (tmp_path / "1" / "checksums.json").is_file()
     assert 0 < blocked < total
 
 
@@ -217,3 +220,12 @@ def test_half_written_later_step_is_ignored_on_resume(tmp_path):
     (partial / "state" / "junk").write_bytes(b"half a write")
     resumed = run(tiny_config(*common))
     assert resumed.start_step == 4 and resumed.final_step == 6
+
+
+def test_synchronous_saves_are_committed_checksummed_and_resumable(tmp_path):
+    common = ("train.steps=4", "checkpoint.every=2", "checkpoint.async_save=false",
+              "train.eval_batches=0", f"run_dir={tmp_path}")
+    first = run(tiny_config(*common, "train.stop_after=2"))
+    assert (tmp_path / "checkpoints" / "2" / "checksums.json").is_file()
+    resumed = run(tiny_config(*common))
+    assert first.final_step == 2 and resumed.start_step == 2 and resumed.final_step == 4
