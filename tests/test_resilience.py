@@ -229,3 +229,12 @@ def test_synchronous_saves_are_committed_checksummed_and_resumable(tmp_path):
     assert (tmp_path / "checkpoints" / "2" / "checksums.json").is_file()
     resumed = run(tiny_config(*common))
     assert first.final_step == 2 and resumed.start_step == 2 and resumed.final_step == 4
+
+
+def test_damaged_final_step_falls_back_and_finishes_training(tmp_path):
+    common = ("train.steps=4", "checkpoint.every=2", "train.eval_batches=0",
+              f"run_dir={tmp_path}")
+    run(tiny_config(*common))
+    _corrupt_largest_state_file(tmp_path / "checkpoints" / "4")
+    resumed = run(tiny_config(*common, "checkpoint.fallback=true"))
+    assert resumed.start_step == 2 and resumed.final_step == 4

@@ -146,16 +146,20 @@ def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
     Compiling needs only shapes and shardings, so a restarted run reads its
     checkpoint while XLA compiles (or loads the step from the cache).
     """
-    latest = ckpt.latest_step()
-    if latest is not None and latest >= config.train.steps:
-        state, position = _restore_or_init(config, ckpt, tx, shardings)
-        return state, position, None  # nothing left to train: no step to compile
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="restore") as pool:
-        restoring = pool.submit(_restore_or_init, config, ckpt, tx, shardings)
+    def compile_step():
         compiling = time.perf_counter()
         step_fn = _compile_train_step(config, mesh, tx, shardings)
         clock.add("compilation", time.perf_counter() - compiling)
+        return step_fn
+
+    latest = ckpt.latest_step()
+    finished = latest is not None and latest >= config.train.steps
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="restore") as pool:
+        restoring = pool.submit(_restore_or_init, config, ckpt, tx, shardings)
+        step_fn = None if finished else compile_step()
         state, position = restoring.result()
+    if step_fn is None and int(state.step) < config.train.steps:
+        step_fn = compile_step()  # fell back from a damaged final step: training goes on
     return state, position, step_fn
 
 
