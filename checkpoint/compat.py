@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+from configs.schema import COMPUTE_ONLY_FIELDS, ModelConfig
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -18,5 +21,13 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
 
 
 def model_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Differences in the model section, which make the saved parameters unusable."""
-    return config_diff(saved.get("model", {}), current.get("model", {}), "model.")
+    """Differences in the model section that make the saved parameters unusable.
+
+    A field the checkpoint lacks (written before the field existed) counts as its default.
+    """
+    defaults = dataclasses.asdict(ModelConfig())
+
+    def parameter_fields(section: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in {**defaults, **section}.items() if k not in COMPUTE_ONLY_FIELDS}
+    return config_diff(parameter_fields(saved.get("model", {})),
+                       parameter_fields(current.get("model", {})), "model.")

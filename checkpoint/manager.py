@@ -106,10 +106,14 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_position),
             config=ocp.args.JsonSave(config))
         started = time.perf_counter()
-        with self._lock:
-            self._in_flight.append(_InFlight(step, started))
+        # Orbax finalises a step on the primary process only (it alone calls back), so
+        # only there are checksums written: one writer per shared step directory.
+        primary = jax.process_index() == 0
+        if primary:
+            with self._lock:
+                self._in_flight.append(_InFlight(step, started))
         self._manager.save(step, args=args, force=True)
-        if not self.cfg.async_save:
+        if primary and not self.cfg.async_save:
             self._on_written()
         blocked = time.perf_counter() - started
         self.blocked_seconds += blocked

@@ -1,10 +1,19 @@
 """Typed run configuration: schema, presets, and resolution of files and overrides."""
 
-from configs.resolve import ConfigError, from_dict, load, to_dict, to_json, validate
+from configs.resolve import (
+    ConfigError,
+    from_dict,
+    load,
+    resolve_auto,
+    to_dict,
+    to_json,
+    validate,
+)
 from configs.schema import (
     CheckpointConfig,
     Config,
     DataConfig,
+    DistributedConfig,
     MeshConfig,
     ModelConfig,
     OptimConfig,
@@ -12,6 +21,7 @@ from configs.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "MeshConfig", "ModelConfig",
-    "OptimConfig", "TrainConfig", "from_dict", "load", "to_dict", "to_json", "validate",
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "MeshConfig",
+    "ModelConfig", "OptimConfig", "TrainConfig", "from_dict", "load", "resolve_auto", "to_dict",
+    "to_json", "validate",
 ]

@@ -15,7 +15,15 @@ import typing
 from typing import Any
 
 from configs import presets
-from configs.schema import MESH_AXES, Config
+from configs.schema import MESH_AXES, Config, ModelConfig
+
+# Fields whose value is one of a fixed set of names.
+CHOICES = {
+    "model.family": ("llama", "gpt2"),
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "model.attention": ("auto", "xla", "cudnn", "splash"),
+    "model.remat": ("none", "full", "save_dots"),
+}
 
 
 class ConfigError(ValueError):
@@ -93,7 +101,8 @@ def validate(config: Config) -> Config:
         "train.steps": t.steps, "train.batch_size": t.batch_size,
         "train.log_every": t.log_every, "checkpoint.keep": config.checkpoint.keep,
         "data.read_threads": d.read_threads, "data.prefetch_batches": d.prefetch_batches,
-        "data.device_prefetch": d.device_prefetch,
+        "data.device_prefetch": d.device_prefetch, "train.microbatches": t.microbatches,
+        "model.max_positions": m.max_positions,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -114,16 +123,52 @@ def validate(config: Config) -> Config:
         raise ConfigError(
             f"model.num_heads ({m.num_heads}) must be a multiple of "
             f"model.num_kv_heads ({m.num_kv_heads})")
-    if m.head_dim % 2:
+    if m.family == "llama" and m.head_dim % 2:
         raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {m.head_dim}")
+    if m.family == "gpt2" and m.max_positions < d.seq_len:
+        raise ConfigError(f"model.max_positions ({m.max_positions}) must be at least "
+                          f"data.seq_len ({d.seq_len}) for learned positions")
+    if t.batch_size % t.microbatches:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                          f"train.microbatches ({t.microbatches})")
     if not 0.0 < d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
     if d.mixture and d.path:
         raise ConfigError("data.path and data.mixture are both set; use one of them")
-    if m.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    for key, value in {"model.family": m.family, "model.dtype": m.dtype,
+                       "model.attention": m.attention, "model.remat": m.remat}.items():
+        if value not in CHOICES[key]:
+            raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}; got {value!r}")
     _validate_mesh(config)
+    _validate_distributed(config)
     return config
+
+
+def resolve_auto(model: ModelConfig, platform: str) -> ModelConfig:
+    """The model config with `auto` settings replaced by the choice for `platform`
+    (cpu, gpu, cuda, rocm or tpu)."""
+    dtype = model.dtype
+    if dtype == "auto":
+        dtype = "float32" if platform == "cpu" else "bfloat16"
+    attention = model.attention
+    if attention == "auto":
+        attention = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
+    return dataclasses.replace(model, dtype=dtype, attention=attention)
+
+
+def _validate_distributed(config: Config) -> None:
+    dist = config.distributed
+    if not dist.coordinator_address:
+        if dist.num_processes or dist.process_id != -1:
+            raise ConfigError("distributed.num_processes / process_id need "
+                              "distributed.coordinator_address (host:port of process 0)")
+        return
+    if dist.num_processes < 1:
+        raise ConfigError(f"distributed.num_processes must be >= 1 with a coordinator, "
+                          f"got {dist.num_processes}")
+    if not 0 <= dist.process_id < dist.num_processes:
+        raise ConfigError(f"distributed.process_id must be in [0, {dist.num_processes}), "
+                          f"got {dist.process_id}")
 
 
 def _validate_mesh(config: Config) -> None:

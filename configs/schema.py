@@ -20,6 +20,8 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("head_dim", ()),
     ("mlp", ("tensor",)),
     ("norm", ()),
+    ("layers", ()),
+    ("positions", ()),
 )
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -27,8 +29,11 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the decoder-only transformer (Llama style)."""
+    """Shape of the decoder-only transformer, and how its step is computed."""
 
+    family: str = "llama"
+    """`llama` (RMSNorm, rotary, SwiGLU, grouped-query attention) or `gpt2` (LayerNorm with
+    bias, learned positions, GELU MLP, biases)."""
     vocab_size: int = 320
     """Rows of the embedding table; at least the tokenizer's vocabulary, padded for sharding."""
     embed_dim: int = 128
@@ -49,8 +54,28 @@ class ModelConfig:
     """Epsilon of RMSNorm."""
     init_std: float = 0.02
     """Standard deviation of the normal initialiser of weight matrices."""
-    dtype: str = "float32"
-    """Compute dtype of activations (parameters are always float32)."""
+    tie_embeddings: bool = False
+    """Use the input embedding table as the output projection (GPT-2 does)."""
+    max_positions: int = 1024
+    """Rows of the learned position table (`gpt2` only); at least data.seq_len."""
+    dtype: str = "auto"
+    """Compute dtype of activations: `float32`, `bfloat16`, `float16`, or `auto` (bfloat16 on
+    TPU/GPU, float32 on CPU). Parameters and optimizer state are always float32."""
+    attention: str = "auto"
+    """Attention kernel: `xla` (plain einsums), `cudnn` (cuDNN flash attention, NVIDIA GPUs),
+    `splash` (Pallas splash kernel, TPU; interpreted, slowly, elsewhere), or `auto` (the
+    platform's fast kernel)."""
+    scan_layers: bool = False
+    """Run the blocks as one `lax.scan` over stacked weights: one compiled layer, fast compiles
+    for deep models. Changes the parameter layout (a leading `layers` axis)."""
+    remat: str = "none"
+    """Recompute activations in the backward pass, per block: `none`, `full`, or `save_dots`
+    (keep matmul outputs, recompute the rest)."""
+
+
+# Model fields that change how the step computes, not the parameters it trains:
+# a checkpoint restores whatever their values.
+COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +160,9 @@ class TrainConfig:
     """Keep compiled steps on disk so a restarted run skips compilation."""
     compile_cache_dir: str = ""
     """Where compiled steps are kept; empty means `<run_dir>/compile_cache`."""
+    microbatches: int = 1
+    """Gradient accumulation: split each batch into this many micro-batches, run them one
+    after another and apply one update with their token-weighted mean gradient."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +184,22 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process (multi-host) runs; `jax.distributed.initialize` is called from these.
+
+    Left empty, a TPU VM pod slice (or a SLURM / Open MPI job) is detected and initialised
+    automatically, and anything else runs as a single process.
+    """
+
+    coordinator_address: str = ""
+    """`host:port` of process 0, which all processes connect to."""
+    num_processes: int = 0
+    """Number of processes in the job (with coordinator_address)."""
+    process_id: int = -1
+    """This process's index in [0, num_processes) (with coordinator_address)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run."""
 
@@ -165,6 +209,7 @@ class Config:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    distributed: DistributedConfig = DistributedConfig()
     seed: int = 0
     """Seeds parameter initialisation and the data shuffle."""
     run_dir: str = "runs/tiny"

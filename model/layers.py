@@ -1,8 +1,12 @@
-"""Building blocks of the Llama-shape decoder: RMSNorm, rotary embedding, GQA attention, SwiGLU.
+"""Building blocks of both decoder families.
+
+Llama: RMSNorm, rotary positions, grouped-query attention, SwiGLU, no biases.
+GPT-2: LayerNorm with bias, (learned positions, in the transformer), attention and a
+GELU MLP with biases.
 
 Every parameter carries `logical_axes` metadata; activations are constrained by
 logical names through `sharding.constrain`. Shape suffixes: B batch, L length,
-D embed, H query heads, G kv heads, R queries per kv head, K head dim, F mlp.
+D embed, H query heads, G kv heads, K head dim, F mlp.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import ModelConfig
+from model.attention import attend
 from sharding import constrain
 
 LogicalAxes = tuple[str | None, ...]
@@ -23,6 +28,11 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: LogicalAxes, std: float)
     return nnx.Param(value, logical_axes=axes)
 
 
+def zeros(shape: tuple[int, ...], axes: LogicalAxes) -> nnx.Param:
+    """A zero-initialised float32 bias tagged with its logical axes."""
+    return nnx.Param(jnp.zeros(shape, jnp.float32), logical_axes=axes)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
@@ -32,6 +42,23 @@ class RMSNorm(nnx.Module):
         x32 = x_BxLxD.astype(jnp.float32)
         inv_rms = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (x32 * inv_rms * self.scale[...]).astype(x_BxLxD.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
+        self.bias = zeros((dim,), ("norm",))
+        self.eps = eps
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        x32 = x_BxLxD.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        inv_std = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + self.eps)
+        return (centred * inv_std * self.scale[...] + self.bias[...]).astype(x_BxLxD.dtype)
+
+
+def norm(cfg: ModelConfig) -> RMSNorm | LayerNorm:
+    return (LayerNorm if cfg.family == "gpt2" else RMSNorm)(cfg.embed_dim, cfg.norm_eps)
 
 
 def rotary(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
@@ -46,7 +73,8 @@ def rotary(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.
 
 
 class Attention(nnx.Module):
-    """Causal grouped-query self-attention with rotary positions."""
+    """Causal self-attention: grouped-query with rotary positions (llama), or with biases
+    and no rotation (gpt2, whose positions are added to the embeddings)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, g, k = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -57,36 +85,42 @@ class Attention(nnx.Module):
         # Output projections start smaller so the residual stream stays O(1) at init.
         out_std = std / (2 * cfg.num_layers) ** 0.5
         self.wo_HxKxD = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), out_std)
+        self.biased = cfg.family == "gpt2"
+        if self.biased:
+            self.bq_HxK = zeros((h, k), ("heads", "head_dim"))
+            self.bk_GxK = zeros((g, k), ("kv_heads", "head_dim"))
+            self.bv_GxK = zeros((g, k), ("kv_heads", "head_dim"))
+            self.bo_D = zeros((d,), ("embed",))
+        self.rotary = cfg.family == "llama"
         self.theta = cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
+        self.impl = cfg.attention
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
-                 mask_BxLxL: jax.Array) -> jax.Array:
-        """`mask_BxLxL[b, i, j]`: may position i attend to position j."""
+                 segment_ids_BxL: jax.Array | None) -> jax.Array:
         dt = self.dtype
         q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq_DxHxK[...].astype(dt))
         k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk_DxGxK[...].astype(dt))
         v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv_DxGxK[...].astype(dt))
+        if self.biased:
+            q_BxLxHxK = q_BxLxHxK + self.bq_HxK[...].astype(dt)
+            k_BxLxGxK = k_BxLxGxK + self.bk_GxK[...].astype(dt)
+            v_BxLxGxK = v_BxLxGxK + self.bv_GxK[...].astype(dt)
         q_BxLxHxK = constrain(q_BxLxHxK, ("batch", "length", "heads", "head_dim"))
         k_BxLxGxK = constrain(k_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
-        q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, self.theta)
-        k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, self.theta)
-
-        batch, length, heads, head_dim = q_BxLxHxK.shape
-        groups = k_BxLxGxK.shape[2]
-        q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, groups, heads // groups, head_dim)
-        scores_BxGxRxLxL = jnp.einsum(
-            "blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxLxGxK).astype(jnp.float32) * head_dim ** -0.5
-        mask_Bx1x1xLxL = mask_BxLxL[:, None, None]
-        scores_BxGxRxLxL = jnp.where(mask_Bx1x1xLxL, scores_BxGxRxLxL, jnp.finfo(jnp.float32).min)
-        probs_BxGxRxLxL = jax.nn.softmax(scores_BxGxRxLxL, axis=-1).astype(dt)
-        out_BxLxGxRxK = jnp.einsum("bgrlm,bmgk->blgrk", probs_BxGxRxLxL, v_BxLxGxK)
-        out_BxLxHxK = constrain(out_BxLxGxRxK.reshape(batch, length, heads, head_dim),
-                                ("batch", "length", "heads", "head_dim"))
-        return jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo_HxKxD[...].astype(dt))
+        v_BxLxGxK = constrain(v_BxLxGxK, ("batch", "length", "kv_heads", "head_dim"))
+        if self.rotary:
+            q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, self.theta)
+            k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, self.theta)
+        out_BxLxHxK = attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, self.impl)
+        out_BxLxHxK = constrain(out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
+        out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo_HxKxD[...].astype(dt))
+        return out_BxLxD + self.bo_D[...].astype(dt) if self.biased else out_BxLxD
 
 
 class SwiGLU(nnx.Module):
+    """Llama's MLP: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, std = cfg.embed_dim, cfg.mlp_dim, cfg.init_std
         self.w_gate_DxF = param(rngs, (d, f), ("embed", "mlp"), std)
@@ -100,3 +134,27 @@ class SwiGLU(nnx.Module):
         up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up_DxF[...].astype(dt))
         hidden_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
         return jnp.einsum("blf,fd->bld", hidden_BxLxF, self.w_down_FxD[...].astype(dt))
+
+
+class GeluMLP(nnx.Module):
+    """GPT-2's MLP: out(gelu(in(x) + b_in)) + b_out, with the tanh approximation of GELU."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, std = cfg.embed_dim, cfg.mlp_dim, cfg.init_std
+        self.w_in_DxF = param(rngs, (d, f), ("embed", "mlp"), std)
+        self.b_in_F = zeros((f,), ("mlp",))
+        self.w_out_FxD = param(rngs, (f, d), ("mlp", "embed"), std / (2 * cfg.num_layers) ** 0.5)
+        self.b_out_D = zeros((d,), ("embed",))
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        dt = self.dtype
+        pre_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_in_DxF[...].astype(dt))
+        hidden_BxLxF = jax.nn.gelu(pre_BxLxF + self.b_in_F[...].astype(dt), approximate=True)
+        hidden_BxLxF = constrain(hidden_BxLxF, ("batch", "length", "mlp"))
+        out_BxLxD = jnp.einsum("blf,fd->bld", hidden_BxLxF, self.w_out_FxD[...].astype(dt))
+        return out_BxLxD + self.b_out_D[...].astype(dt)
+
+
+def mlp(cfg: ModelConfig, rngs: nnx.Rngs) -> SwiGLU | GeluMLP:
+    return (GeluMLP if cfg.family == "gpt2" else SwiGLU)(cfg, rngs)

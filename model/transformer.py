@@ -2,70 +2,118 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from configs import resolve_auto
 from configs.schema import ModelConfig
-from model.layers import Attention, RMSNorm, SwiGLU, param
+from model.attention import attention_mask
+from model.layers import Attention, mlp, norm, param
 from sharding import constrain
 
 ACTIVATION_AXES = ("batch", "length", "embed")
 
+# What a block keeps for the backward pass; the rest is recomputed (`model.remat`).
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # keep only the block's inputs
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+}
 
-def attention_mask(shape_BxL: tuple[int, int], segment_ids_BxL: jax.Array | None) -> jax.Array:
-    """Causal mask, restricted to same-document pairs when segment ids are given."""
-    length = shape_BxL[1]
-    causal_1xLxL = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
-    if segment_ids_BxL is None:
-        return jnp.broadcast_to(causal_1xLxL, (shape_BxL[0], length, length))
-    same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-    return causal_1xLxL & same_doc_BxLxL
+__all__ = ["Block", "Transformer", "attention_mask"]
 
 
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
+        self.attn_norm = norm(cfg)
         self.attn = Attention(cfg, rngs)
-        self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg, rngs)
+        self.mlp_norm = norm(cfg)
+        self.mlp = mlp(cfg, rngs)
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
-                 mask_BxLxL: jax.Array) -> jax.Array:
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, mask_BxLxL)
+                 segment_ids_BxL: jax.Array | None) -> jax.Array:
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
         x_BxLxD = constrain(x_BxLxD, ACTIVATION_AXES)
         x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
         return constrain(x_BxLxD, ACTIVATION_AXES)
 
 
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """One Block whose every parameter has a leading `layers` axis of num_layers."""
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs)
+
+    blocks = make(rngs)
+    for _, variable in nnx.iter_graph(blocks):
+        if isinstance(variable, nnx.Param):
+            variable.set_metadata(logical_axes=("layers", *variable.get_metadata()["logical_axes"]))
+    return blocks
+
+
 class Transformer(nnx.Module):
-    """Llama-shape decoder with untied input and output embeddings."""
+    """Decoder of either family (`cfg.family`): llama or gpt2."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.embed_VxD = param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), 1.0)
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps)
-        # A small output projection makes the initial loss close to log(vocab_size).
-        self.unembed_DxV = param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"),
-                                 cfg.init_std)
+        cfg = resolve_auto(cfg, jax.default_backend())
+        d = cfg.embed_dim
+        self.embed_VxD = param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), 1.0)
+        self.learned_positions = cfg.family == "gpt2"
+        if self.learned_positions:
+            self.positions_PxD = param(rngs, (cfg.max_positions, d), ("positions", "embed"), 0.01)
+        self.scan = cfg.scan_layers
+        if self.scan:
+            self.blocks = _stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = norm(cfg)
+        self.tied = cfg.tie_embeddings
+        if not self.tied:
+            # A small output projection makes the initial loss close to log(vocab_size).
+            self.unembed_DxV = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
         self.dtype = jnp.dtype(cfg.dtype)
+        self.remat = cfg.remat
 
     def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                  segment_ids_BxL: jax.Array | None = None) -> jax.Array:
-        """Logits for the next token at every position.
+        """Float32 logits for the next token at every position.
 
         With `segment_ids_BxL` (packed rows), a position attends only to earlier
         positions of its own document; without, to all earlier positions.
         """
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-        mask_BxLxL = attention_mask(tokens_BxL.shape, segment_ids_BxL)
         x_BxLxD = self.embed_VxD[...].astype(self.dtype)[tokens_BxL]
+        if self.learned_positions:
+            x_BxLxD = x_BxLxD + self.positions_PxD[...].astype(self.dtype)[positions_BxL]
         x_BxLxD = constrain(x_BxLxD, ACTIVATION_AXES)
-        for block in self.blocks:
-            x_BxLxD = block(x_BxLxD, positions_BxL, mask_BxLxL)
+        x_BxLxD = self._blocks(x_BxLxD, positions_BxL, segment_ids_BxL)
         x_BxLxD = self.final_norm(x_BxLxD)
-        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, self.unembed_DxV[...].astype(self.dtype))
+        unembed_DxV = self.embed_VxD[...].T if self.tied else self.unembed_DxV[...]
+        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(self.dtype),
+                                  preferred_element_type=jnp.float32)
         return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+    def _blocks(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
+                segment_ids_BxL: jax.Array | None) -> jax.Array:
+        """Every block in order: a Python loop, or one `lax.scan` over stacked weights."""
+        def apply(graphdef, block_state, x_BxLxD):
+            return nnx.merge(graphdef, block_state)(x_BxLxD, positions_BxL, segment_ids_BxL)
+
+        if self.remat != "none":
+            apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat], static_argnums=0)
+        if not self.scan:
+            for block in self.blocks:
+                x_BxLxD = apply(*nnx.split(block), x_BxLxD)
+            return x_BxLxD
+        graphdef, stacked_state = nnx.split(self.blocks)
+
+        def layer(x_BxLxD, block_state):
+            return apply(graphdef, block_state, x_BxLxD), None
+
+        return jax.lax.scan(layer, x_BxLxD, stacked_state)[0]

@@ -2,9 +2,16 @@
 
 from sharding.batch import batch_sharding, batch_ways, to_global
 from sharding.mesh import MeshError, make_mesh, mesh_shape
-from sharding.rules import constrain, logical_to_spec, named_sharding, tree_shardings, use_rules
+from sharding.rules import (
+    active_mesh,
+    constrain,
+    logical_to_spec,
+    named_sharding,
+    tree_shardings,
+    use_rules,
+)
 
 __all__ = [
-    "MeshError", "batch_sharding", "batch_ways", "constrain", "logical_to_spec", "make_mesh",
-    "mesh_shape", "named_sharding", "to_global", "tree_shardings", "use_rules",
+    "MeshError", "active_mesh", "batch_sharding", "batch_ways", "constrain", "logical_to_spec",
+    "make_mesh", "mesh_shape", "named_sharding", "to_global", "tree_shardings", "use_rules",
 ]

@@ -25,7 +25,13 @@ def batch_ways(mesh: Mesh, rules: Rules) -> int:
     return int(np.prod([mesh.shape[a] for a in names]))
 
 
-def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, Any]:
-    """Assemble each process's rows into global arrays (no cross-host copy)."""
-    return {name: jax.make_array_from_process_local_data(sharding, rows)
+def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding,
+              whole: bool = False) -> dict[str, Any]:
+    """Assemble each process's rows into global arrays (no cross-host copy).
+
+    `whole`: every process holds the whole global batch (held-out batches do), and
+    each device takes its own rows of it; otherwise each process holds only its share.
+    """
+    return {name: jax.make_array_from_process_local_data(
+                sharding, rows, rows.shape if whole else None)
             for name, rows in local_batch.items()}

@@ -67,6 +67,11 @@ def use_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active_mesh() -> tuple[Mesh, Rules] | None:
+    """The mesh and rules installed by `use_rules`, if any (for kernels run under shard_map)."""
+    return _ACTIVE.get()
+
+
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     """Sharding constraint on an activation by logical names; a no-op without active rules."""
     active = _ACTIVE.get()

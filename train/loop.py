@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 
 import checkpoint
 import configs
@@ -20,12 +19,13 @@ import sharding
 from configs.schema import Config
 from train import compile_cache
 from train import state as train_state
+from train.compiled import compile_train_step
 from train.feed import DeviceFeed
 from train.goodput import Goodput
 from train.metrics_log import MetricsLog
-from train.optimizer import lr_schedule, make_optimizer
+from train.optimizer import make_optimizer
 from train.preemption import Preemption
-from train.step import eval_step, train_step
+from train.step import eval_step
 
 
 @dataclasses.dataclass
@@ -73,12 +73,13 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
     """
     clock = Goodput()
     config = configs.validate(config)
-    say(f"config:\n{configs.to_json(config)}")
     mesh = sharding.make_mesh(config.mesh, devices)
+    platform = mesh.devices.flat[0].platform
+    config = dataclasses.replace(config, model=configs.resolve_auto(config.model, platform))
+    say(f"config:\n{configs.to_json(config)}")
     tokenizer = data_input.get_tokenizer(config.data.tokenizer)
     _check_fits(config, mesh, tokenizer)
     sources = data_input.data_sources(config.data, tokenizer)
-    platform = mesh.devices.flat[0].platform
     say(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {platform} device(s)")
     for source in sources:
         say(f"data {source.name} (weight {source.weight:g}): {len(source.splits.train)} train "
@@ -132,10 +133,12 @@ def _check_fits(config: Config, mesh: jax.sharding.Mesh, tokenizer: Any) -> None
             f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
             f"vocabulary ({tokenizer.vocab_size})")
     ways = sharding.batch_ways(mesh, config.mesh.rules)
-    if config.train.batch_size % ways:
+    parts = config.train.microbatches
+    if config.train.batch_size % (ways * parts):
         raise configs.ConfigError(
             f"train.batch_size ({config.train.batch_size}) must be a multiple of the {ways} ways "
-            f"the batch is split over the mesh {dict(mesh.shape)}")
+            f"the batch is split over the mesh {dict(mesh.shape)}"
+            + (f" times train.microbatches ({parts})" if parts > 1 else ""))
 
 
 def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
@@ -148,9 +151,13 @@ def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
     """
     def compile_step():
         compiling = time.perf_counter()
-        step_fn = _compile_train_step(config, mesh, tx, shardings)
+        step = compile_train_step(config, mesh, tx, shardings)
         clock.add("compilation", time.perf_counter() - compiling)
-        return step_fn
+        source = "from the compilation cache" if step.from_cache else "compiled"
+        say(f"train step {source} in {step.seconds:.1f} s")
+        if step.memory is not None:
+            say(f"memory per device: {step.memory.describe()}")
+        return step.fn
 
     latest = ckpt.latest_step()
     finished = latest is not None and latest >= config.train.steps
@@ -184,32 +191,6 @@ def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
             return restored.state, restored.data_position
     init = jax.jit(functools.partial(train_state.init_state, config, tx), out_shardings=shardings)
     return init(), {"next_index": 0}
-
-
-def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
-                        shardings: train_state.TrainState) -> Any:
-    """Ahead-of-time compiled step: explicit in/out shardings, the state donated."""
-    batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    schedule = lr_schedule(config.optim, config.train.steps)
-
-    def step_fn(state, batch):
-        with sharding.use_rules(mesh, config.mesh.rules):
-            return train_step(state, batch, cfg=config.model, tx=tx, schedule=schedule)
-
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
-                     out_shardings=(shardings, replicated), donate_argnums=0)
-    rows, seq = config.train.batch_size, config.data.seq_len
-    dtypes = {"inputs": np.int32, "targets": np.int32, "weights": np.float32,
-              "segment_ids": np.int32, "positions": np.int32}
-    batch_shapes = {name: jax.ShapeDtypeStruct((rows, seq), dtype, sharding=batch_sharding)
-                    for name, dtype in dtypes.items()}
-    state_shapes = train_state.with_shardings(train_state.abstract_state(config, tx), shardings)
-    started, hits = time.perf_counter(), compile_cache.hits()
-    compiled = jitted.lower(state_shapes, batch_shapes).compile()
-    source = "from the compilation cache" if compile_cache.hits() > hits else "compiled"
-    say(f"train step {source} in {time.perf_counter() - started:.1f} s")
-    return compiled
 
 
 def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
@@ -295,7 +276,9 @@ def _evaluate(config: Config, mesh: jax.sharding.Mesh, param_shardings: Any, par
         loss_sum = tokens = 0.0
         for batch in data_input.eval_batches(source.splits.eval, config.train.batch_size,
                                              config.train.eval_batches):
-            out = jax.device_get(evaluate(params, sharding.to_global(batch, batch_sharding)))
+            # Every process reads the whole held-out batch; each device keeps its rows.
+            rows = sharding.to_global(batch, batch_sharding, whole=True)
+            out = jax.device_get(evaluate(params, rows))
             loss_sum += float(out["loss_sum"])
             tokens += float(out["tokens"])
         if tokens:

@@ -5,16 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import model
 from configs.schema import ModelConfig
+from sharding import constrain
 from train.state import TrainState
 
 Batch = dict[str, jax.Array]
+Params = dict[str, Any]
 
 
-def loss_fn(params: dict[str, Any], batch: Batch, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+def loss_fn(params: Params, batch: Batch, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """Mean next-token cross-entropy of the batch, and the number of tokens it averages."""
     logits_BxLxV = model.merge(cfg, params)(batch["inputs"], batch["positions"],
                                             batch["segment_ids"])
@@ -22,10 +25,13 @@ def loss_fn(params: dict[str, Any], batch: Batch, cfg: ModelConfig) -> tuple[jax
 
 
 def train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig,
-               tx: optax.GradientTransformation,
-               schedule: optax.Schedule) -> tuple[TrainState, dict[str, jax.Array]]:
-    """theta <- theta - AdamW(grad L(theta; batch))."""
-    (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, cfg)
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               microbatches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+    """theta <- theta - AdamW(grad L(theta; batch)), the gradient over `microbatches` parts."""
+    if microbatches == 1:
+        (loss, tokens), grads = _loss_and_grad(state.params, batch, cfg)
+    else:
+        loss, tokens, grads = _accumulated_loss_and_grad(state.params, batch, cfg, microbatches)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads),
@@ -33,7 +39,37 @@ def train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig,
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: dict[str, Any], batch: Batch, *, cfg: ModelConfig) -> dict[str, jax.Array]:
+_loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def _accumulated_loss_and_grad(params: Params, batch: Batch, cfg: ModelConfig,
+                               microbatches: int) -> tuple[jax.Array, jax.Array, Params]:
+    """The loss and gradient of the whole batch, computed one micro-batch at a time.
+
+    Each part's mean is weighted by its token count, so the result equals the
+    single-batch loss and gradient. Micro-batch m takes rows m, m + M, m + 2M, ...:
+    every device holds a contiguous block of rows, so each part stays spread over
+    all devices (the batch size is a multiple of M times the batch ways).
+    """
+    def split(x_BxL):
+        rows, length = x_BxL.shape
+        return x_BxL.reshape(rows // microbatches, microbatches, length).swapaxes(0, 1)
+
+    def add_part(carry, part):
+        loss_sum, token_sum, grad_sum = carry
+        part = {k: constrain(v, ("batch", "length")) for k, v in part.items()}
+        (loss, tokens), grads = _loss_and_grad(params, part, cfg)
+        grad_sum = jax.tree.map(lambda total, g: total + g * tokens, grad_sum, grads)
+        return (loss_sum + loss * tokens, token_sum + tokens, grad_sum), None
+
+    zero = jnp.zeros((), jnp.float32)
+    start = (zero, zero, jax.tree.map(jnp.zeros_like, params))
+    (loss_sum, tokens, grad_sum), _ = jax.lax.scan(add_part, start, jax.tree.map(split, batch))
+    denominator = jnp.maximum(tokens, 1.0)
+    return loss_sum / denominator, tokens, jax.tree.map(lambda g: g / denominator, grad_sum)
+
+
+def eval_step(params: Params, batch: Batch, *, cfg: ModelConfig) -> dict[str, jax.Array]:
     """Summed loss and token count, so batches of any fill combine into an exact mean."""
     loss, tokens = loss_fn(params, batch, cfg)
     return {"loss_sum": loss * tokens, "tokens": tokens}

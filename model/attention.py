@@ -1,0 +1,112 @@
+"""Causal self-attention with document (segment) masking, by one of three kernels.
+
+All three compute softmax(q k^T / sqrt(K) + mask) v where position i may attend
+to position j iff j <= i and both lie in the same document:
+- `xla`: plain einsums over an explicit LxL mask; runs everywhere.
+- `cudnn`: `jax.nn.dot_product_attention`'s cuDNN flash kernel (NVIDIA GPUs).
+- `splash`: the Pallas splash kernel (TPU). Pallas kernels are not partitioned by
+  XLA, so it runs under `shard_map` over the batch and head axes of the active
+  mesh; off TPU it runs in the (slow) Pallas interpreter, for tests.
+
+Shapes: B batch, L length, H query heads, G kv heads, R = H / G, K head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from sharding import active_mesh, logical_to_spec
+
+
+def attend(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
+           segment_ids_BxL: jax.Array | None, impl: str) -> jax.Array:
+    """Attention output, B x L x H x K, by the kernel `impl` (`xla`, `cudnn` or `splash`)."""
+    if impl == "xla":
+        return _xla(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+    if impl == "cudnn":
+        return _cudnn(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+    if impl == "splash":
+        return _splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+    raise ValueError(f"unknown attention implementation {impl!r}; expected xla, cudnn or splash")
+
+
+def attention_mask(shape_BxL: tuple[int, int], segment_ids_BxL: jax.Array | None) -> jax.Array:
+    """mask_BxLxL[b, i, j]: may position i attend to position j (causal, same document)."""
+    length = shape_BxL[1]
+    causal_1xLxL = jnp.tril(jnp.ones((length, length), dtype=bool))[None]
+    if segment_ids_BxL is None:
+        return jnp.broadcast_to(causal_1xLxL, (shape_BxL[0], length, length))
+    same_doc_BxLxL = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+    return causal_1xLxL & same_doc_BxLxL
+
+
+def _xla(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
+    batch, length, heads, head_dim = q_BxLxHxK.shape
+    groups = k_BxLxGxK.shape[2]
+    q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, groups, heads // groups, head_dim)
+    scores_BxGxRxLxL = jnp.einsum("blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxLxGxK,
+                                  preferred_element_type=jnp.float32) * head_dim ** -0.5
+    mask_Bx1x1xLxL = attention_mask((batch, length), segment_ids_BxL)[:, None, None]
+    scores_BxGxRxLxL = jnp.where(mask_Bx1x1xLxL, scores_BxGxRxLxL, jnp.finfo(jnp.float32).min)
+    probs_BxGxRxLxL = jax.nn.softmax(scores_BxGxRxLxL, axis=-1).astype(v_BxLxGxK.dtype)
+    out_BxLxGxRxK = jnp.einsum("bgrlm,bmgk->blgrk", probs_BxGxRxLxL, v_BxLxGxK)
+    return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)
+
+
+def _cudnn(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
+    # The causal part is the kernel's own mask type (it skips the upper triangle);
+    # documents are an extra boolean mask.
+    mask_Bx1xLxL = None
+    if segment_ids_BxL is not None:
+        mask_Bx1xLxL = (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask_Bx1xLxL,
+                                        is_causal=True, implementation="cudnn")
+
+
+def _splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
+    batch, length = q_BxLxHxK.shape[:2]
+    if segment_ids_BxL is None:
+        segment_ids_BxL = jnp.zeros((batch, length), jnp.int32)
+    interpret = jax.default_backend() != "tpu"
+    active = active_mesh()
+    if active is None:
+        return _splash_local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, interpret)
+    mesh, rules = active
+    heads = logical_to_spec(("batch", "length", "heads", "head_dim"), rules)
+    kv_heads = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), rules)
+    rows = logical_to_spec(("batch", "length"), rules)
+    local = jax.shard_map(functools.partial(_splash_local, interpret=interpret), mesh=mesh,
+                          in_specs=(heads, kv_heads, kv_heads, rows), out_specs=heads,
+                          check_vma=False)
+    return local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+
+
+def _splash_local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, interpret):
+    """The splash kernel on this device's rows and heads; the kernel wants heads first."""
+    # Imported here: Pallas is only needed by runs that ask for this kernel.
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as splash,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as splash_mask,
+    )
+    length, heads, head_dim = q_BxLxHxK.shape[1:]
+    block = next((b for b in (512, 256, 128) if length % b == 0), length)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                              block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+                              block_q_dq=block, block_kv_dq=block)
+    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * heads)
+    kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
+                                    interpret=interpret)
+
+    def one_row(q_HxLxK, k_GxLxK, v_GxLxK, segment_ids_L):
+        ids = splash.SegmentIds(q=segment_ids_L, kv=segment_ids_L)
+        return kernel(q_HxLxK * head_dim ** -0.5, k_GxLxK, v_GxLxK, segment_ids=ids)
+
+    heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+    out_BxHxLxK = jax.vmap(one_row)(heads_first(q_BxLxHxK), heads_first(k_BxLxGxK),
+                                    heads_first(v_BxLxGxK), segment_ids_BxL)
+    return heads_first(out_BxHxLxK)

@@ -1,0 +1,108 @@
+"""The train step compiled ahead of time, and what it will need of each device's memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+import configs
+import sharding
+from configs.schema import Config
+from train import compile_cache
+from train import state as train_state
+from train.optimizer import lr_schedule
+from train.step import train_step
+
+BATCH_DTYPES = {"inputs": np.int32, "targets": np.int32, "weights": np.float32,
+                "segment_ids": np.int32, "positions": np.int32}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """Bytes per device of the compiled step (XLA's buffer assignment)."""
+
+    arguments: int
+    outputs: int
+    aliased: int
+    """Outputs that reuse donated argument buffers (the new state in the old one)."""
+    temporaries: int
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries
+
+    def describe(self) -> str:
+        gib = 2.0 ** 30
+        return (f"arguments {self.arguments / gib:.2f} GiB + temporaries "
+                f"{self.temporaries / gib:.2f} GiB + outputs not aliased "
+                f"{(self.outputs - self.aliased) / gib:.2f} GiB = total {self.total / gib:.2f} GiB")
+
+
+@dataclasses.dataclass
+class CompiledStep:
+    fn: Any
+    """(state, batch) -> (state, metrics); the state argument is donated."""
+    seconds: float
+    from_cache: bool
+    memory: StepMemory | None
+
+
+def compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
+                       shardings: train_state.TrainState) -> CompiledStep:
+    """`.lower().compile()` of the step with explicit in/out shardings; refuses a step whose
+    memory per device exceeds what the device has."""
+    batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    schedule = lr_schedule(config.optim, config.train.steps)
+
+    def step_fn(state, batch):
+        with sharding.use_rules(mesh, config.mesh.rules):
+            return train_step(state, batch, cfg=config.model, tx=tx, schedule=schedule,
+                              microbatches=config.train.microbatches)
+
+    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                     out_shardings=(shardings, replicated), donate_argnums=0)
+    shape = (config.train.batch_size, config.data.seq_len)
+    batch_shapes = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+                    for name, dtype in BATCH_DTYPES.items()}
+    state_shapes = train_state.with_shardings(train_state.abstract_state(config, tx), shardings)
+    started, hits = time.perf_counter(), compile_cache.hits()
+    compiled = jitted.lower(state_shapes, batch_shapes).compile()
+    seconds = time.perf_counter() - started
+    memory = step_memory(compiled)
+    if memory is not None:
+        check_fits(memory, device_memory_bytes(mesh.local_devices[0]))
+    return CompiledStep(compiled, seconds, compile_cache.hits() > hits, memory)
+
+
+def step_memory(compiled: Any) -> StepMemory | None:
+    """Per-device memory of a compiled executable, if the backend reports it."""
+    try:
+        stats = compiled.memory_analysis()
+    except (NotImplementedError, jax.errors.JaxRuntimeError):
+        return None
+    if stats is None:
+        return None
+    return StepMemory(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
+                      aliased=stats.alias_size_in_bytes, temporaries=stats.temp_size_in_bytes)
+
+
+def device_memory_bytes(device: jax.Device) -> int | None:
+    """Memory the device lets programs use (GPU/TPU); None where unknown (CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return (stats or {}).get("bytes_limit")
+
+
+def check_fits(memory: StepMemory, limit: int | None) -> None:
+    """Raise before the first step, rather than fail in it, if the step cannot fit."""
+    if limit is None or memory.total <= limit:
+        return
+    raise configs.ConfigError(
+        f"the train step needs {memory.total / 2**30:.2f} GiB per device "
+        f"({memory.describe()}) but a device has {limit / 2**30:.2f} GiB; shard more "
+        "(mesh.fsdp, mesh.tensor), recompute activations (model.remat=full), split the batch "
+        "(train.microbatches) or make it smaller (train.batch_size, data.seq_len)")
