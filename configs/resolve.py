@@ -113,6 +113,7 @@ def validate(config: Config) -> Config:
         "checkpoint.keep_every": config.checkpoint.keep_every, "data.workers": d.workers,
         "optim.warmup_steps": config.optim.warmup_steps, "optim.grad_clip": config.optim.grad_clip,
         "optim.learning_rate": config.optim.learning_rate,
+        "model.loss_chunk_tokens": m.loss_chunk_tokens,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -27,7 +27,7 @@ def attend(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
     if impl == "xla":
         return _xla(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
     if impl == "cudnn":
-        return _cudnn(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+        return dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, "cudnn")
     if impl == "splash":
         return _splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
     raise ValueError(f"unknown attention implementation {impl!r}; expected xla, cudnn or splash")
@@ -56,14 +56,18 @@ def _xla(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
     return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)
 
 
-def _cudnn(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
-    # The causal part is the kernel's own mask type (it skips the upper triangle);
-    # documents are an extra boolean mask.
+def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
+                          segment_ids_BxL: jax.Array | None, implementation: str) -> jax.Array:
+    """`jax.nn.dot_product_attention` (`cudnn`, or its `xla` reference for tests on CPU).
+
+    The causal part is the kernel's own mask type (cuDNN skips the upper triangle);
+    documents are an extra boolean mask.
+    """
     mask_Bx1xLxL = None
     if segment_ids_BxL is not None:
         mask_Bx1xLxL = (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]
     return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask_Bx1xLxL,
-                                        is_causal=True, implementation="cudnn")
+                                        is_causal=True, implementation=implementation)
 
 
 def _splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):

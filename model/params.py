@@ -10,6 +10,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import ModelConfig
@@ -50,3 +51,19 @@ def merge(cfg: ModelConfig, params: Params) -> Transformer:
     state = jax.tree.map(lambda x: x, abstract_state)  # a copy we may fill in
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+def stack_layers(params: Params) -> Params:
+    """Per-block parameters ({0: block, 1: block, ...}) -> the `scan_layers` layout, in which
+    every block parameter has a leading layers axis."""
+    blocks = params["blocks"]
+    stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *(blocks[i] for i in sorted(blocks)))
+    return {**params, "blocks": stacked}
+
+
+def unstack_layers(params: Params) -> Params:
+    """The `scan_layers` layout -> one parameter dict per block."""
+    stacked = params["blocks"]
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "blocks": {i: jax.tree.map(lambda x, i=i: x[i], stacked)
+                                 for i in range(count)}}

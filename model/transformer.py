@@ -86,6 +86,14 @@ class Transformer(nnx.Module):
         With `segment_ids_BxL` (packed rows), a position attends only to earlier
         positions of its own document; without, to all earlier positions.
         """
+        x_BxLxD = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL)
+        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, self.unembedding().astype(self.dtype),
+                                  preferred_element_type=jnp.float32)
+        return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+    def hidden(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+               segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+        """The final normalised hidden states, which the unembedding turns into logits."""
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
         x_BxLxD = self.embed_VxD[...].astype(self.dtype)[tokens_BxL]
@@ -93,11 +101,11 @@ class Transformer(nnx.Module):
             x_BxLxD = x_BxLxD + self.positions_PxD[...].astype(self.dtype)[positions_BxL]
         x_BxLxD = constrain(x_BxLxD, ACTIVATION_AXES)
         x_BxLxD = self._blocks(x_BxLxD, positions_BxL, segment_ids_BxL)
-        x_BxLxD = self.final_norm(x_BxLxD)
-        unembed_DxV = self.embed_VxD[...].T if self.tied else self.unembed_DxV[...]
-        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, unembed_DxV.astype(self.dtype),
-                                  preferred_element_type=jnp.float32)
-        return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+        return self.final_norm(x_BxLxD)
+
+    def unembedding(self) -> jax.Array:
+        """The output projection D x V (the embedding table, transposed, when tied)."""
+        return self.embed_VxD[...].T if self.tied else self.unembed_DxV[...]
 
     def _blocks(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
                 segment_ids_BxL: jax.Array | None) -> jax.Array:

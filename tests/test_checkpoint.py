@@ -53,3 +53,16 @@ def test_resume_with_a_different_model_is_refused_naming_fields(tmp_path):
     expected = r"(?s)step 2.*model\.mlp_dim: checkpoint 64, config 96"
     with pytest.raises(CheckpointError, match=expected):
         run(changed)
+
+
+def test_compute_settings_and_fields_added_later_do_not_block_a_restore():
+    from checkpoint import model_mismatch
+    saved = configs.to_dict(tiny_config("model.dtype=float32"))
+    current = configs.to_dict(tiny_config("model.dtype=bfloat16", "model.remat=full",
+                                          "model.attention=xla", "model.loss_chunk_tokens=0"))
+    assert model_mismatch(saved, current) == []
+    legacy = {**saved, "model": {k: v for k, v in saved["model"].items()
+                                 if k not in ("family", "tie_embeddings", "scan_layers")}}
+    assert model_mismatch(legacy, current) == []
+    scanned = configs.to_dict(tiny_config("model.scan_layers=true"))
+    assert model_mismatch(saved, scanned) == ["model.scan_layers: checkpoint False, config True"]

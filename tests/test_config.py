@@ -60,6 +60,12 @@ def test_config_file_round_trip_and_file_errors(tmp_path):
     ("mesh.fsdp=-1", r"at most one of mesh\.data/fsdp/tensor may be -1"),
     ("data.eval_fraction=1.5", r"data\.eval_fraction must be in \(0, 1\)"),
     ("mesh.rules=[[\"embed\", [\"model\"]]]", r"unknown mesh axes \['model'\]"),
+    ("model.family=mamba", r"model\.family must be one of llama, gpt2; got 'mamba'"),
+    ("model.remat=some", r"model\.remat must be one of none, full, save_dots"),
+    ("model.attention=flash", r"model\.attention must be one of auto, xla, cudnn, splash"),
+    ("model.dtype=int8", r"model\.dtype must be one of auto, float32"),
+    ("train.microbatches=0", r"train\.microbatches must be positive"),
+    ("distributed.num_processes=2", r"need distributed\.coordinator_address"),
 ])
 def test_invalid_combinations_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -75,3 +81,13 @@ def test_mixture_parses_and_bad_mixtures_name_the_field():
         load(None, ['data.mixture=data/a'])
     with pytest.raises(ConfigError, match="data.path and data.mixture are both set"):
         load(None, ['data.mixture=[["data/a", 1]]', "data.path=x"])
+
+
+def test_learned_positions_must_cover_the_sequence_and_processes_their_ids():
+    with pytest.raises(ConfigError, match=r"model\.max_positions \(64\) must be at least "
+                                          r"data\.seq_len \(128\)"):
+        load(None, ["model.family=gpt2", "model.max_positions=64"])
+    load(None, ["model.family=llama", "model.max_positions=64"])  # llama has no table
+    with pytest.raises(ConfigError, match=r"distributed\.process_id must be in \[0, 2\)"):
+        load(None, ["distributed.coordinator_address=localhost:1234",
+                    "distributed.num_processes=2", "distributed.process_id=2"])

@@ -60,10 +60,12 @@ def test_indivisible_dimension_is_a_clear_error():
         state_shardings(config, mesh, make_optimizer(config.optim, 10))
 
 
-def test_same_losses_on_one_device_data_parallel_and_fsdp_tensor(tmp_path):
+def test_same_losses_on_every_layout(tmp_path):
     layouts = {
         "one device": (("mesh.data=1",), jax.devices()[:1]),
         "data=8": (("mesh.data=8",), None),
+        "fsdp=8": (("mesh.data=1", "mesh.fsdp=8"), None),
+        "data=4 x tensor=2": (("mesh.data=4", "mesh.tensor=2"), None),
         "fsdp=4 x tensor=2": (("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"), None),
     }
     losses = {}

@@ -17,7 +17,7 @@ import configs
 import input as data_input
 import sharding
 from configs.schema import Config
-from train import compile_cache
+from train import compile_cache, flops
 from train import state as train_state
 from train.compiled import compile_train_step
 from train.feed import DeviceFeed
@@ -50,6 +50,9 @@ class _Meter:
 
     last_time: float
     last_step: int
+    flops_per_token: float
+    peak_flops: float
+    """Of all devices of the mesh together; MFU = model FLOP/s / peak_flops."""
     data_wait: float = 0.0
     checkpoint_blocked: float = 0.0
 
@@ -207,8 +210,12 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
     saved_config = configs.to_dict(config)
     log = MetricsLog(config.run_dir)
     losses: dict[int, float] = {}
+    per_token = flops.flops_per_token(config.model, config.data.seq_len)
+    peak, peak_source = flops.peak_flops(list(mesh.devices.flat), config.model.dtype)
+    say(f"MFU: {per_token / 1e6:,.1f} MFLOP per token (train/flops.py) over a peak of "
+        f"{peak / 1e12:,.2f} TFLOP/s ({peak_source})")
     started = time.perf_counter()
-    meter = _Meter(started, start)
+    meter = _Meter(started, start, per_token, peak)
     total_wait = 0.0
     pending = None
     feed = DeviceFeed(batches, sharding.batch_sharding(mesh, config.mesh.rules),
@@ -250,11 +257,13 @@ def _report(config: Config, step: int, metrics: dict[str, jax.Array], meter: _Me
     record = {
         "step": step, "loss": values["loss"], "lr": values["lr"],
         "grad_norm": values["grad_norm"], "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "mfu": tokens / max(elapsed, 1e-9) * meter.flops_per_token / meter.peak_flops,
         "step_ms": 1e3 * elapsed / max(steps, 1), "data_wait_ms": 1e3 * wait / max(steps, 1),
         "data_wait_pct": 100 * wait / max(elapsed, 1e-9), "checkpoint_blocked_ms": 1e3 * blocked}
     log.write(record)
     say(f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
         f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
+        f"MFU {100 * record['mfu']:.1f}% | "
         f"step {record['step_ms']:.1f} ms | data wait {record['data_wait_ms']:.2f} ms "
         f"({record['data_wait_pct']:.1f}%) | ckpt blocked {record['checkpoint_blocked_ms']:.0f} ms")
 

@@ -19,9 +19,12 @@ Params = dict[str, Any]
 
 def loss_fn(params: Params, batch: Batch, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """Mean next-token cross-entropy of the batch, and the number of tokens it averages."""
-    logits_BxLxV = model.merge(cfg, params)(batch["inputs"], batch["positions"],
-                                            batch["segment_ids"])
-    return model.cross_entropy(logits_BxLxV, batch["targets"], batch["weights"])
+    transformer = model.merge(cfg, params)
+    inputs = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    if cfg.loss_chunk_tokens == 0:
+        return model.cross_entropy(transformer(*inputs), batch["targets"], batch["weights"])
+    return model.fused_cross_entropy(transformer.hidden(*inputs), transformer.unembedding(),
+                                     batch["targets"], batch["weights"], cfg.loss_chunk_tokens)
 
 
 def train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig,
