@@ -44,16 +44,57 @@ def attention_mask(shape_BxL: tuple[int, int], segment_ids_BxL: jax.Array | None
 
 
 def _xla(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
+    """Heads-first batched matmuls; query heads sharing a kv head are stacked along the
+    query axis (N = R x L), so every matmul is a plain (B, G)-batched 2-D product."""
     batch, length, heads, head_dim = q_BxLxHxK.shape
     groups = k_BxLxGxK.shape[2]
-    q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, groups, heads // groups, head_dim)
-    scores_BxGxRxLxL = jnp.einsum("blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxLxGxK,
-                                  preferred_element_type=jnp.float32) * head_dim ** -0.5
-    mask_Bx1x1xLxL = attention_mask((batch, length), segment_ids_BxL)[:, None, None]
-    scores_BxGxRxLxL = jnp.where(mask_Bx1x1xLxL, scores_BxGxRxLxL, jnp.finfo(jnp.float32).min)
-    probs_BxGxRxLxL = jax.nn.softmax(scores_BxGxRxLxL, axis=-1).astype(v_BxLxGxK.dtype)
-    out_BxLxGxRxK = jnp.einsum("bgrlm,bmgk->blgrk", probs_BxGxRxLxL, v_BxLxGxK)
-    return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)
+    per_group = heads // groups
+    q_BxGxNxK = (q_BxLxHxK.reshape(batch, length, groups, per_group, head_dim)
+                 .transpose(0, 2, 3, 1, 4).reshape(batch, groups, per_group * length, head_dim))
+    k_BxGxLxK = k_BxLxGxK.transpose(0, 2, 1, 3)
+    v_BxGxLxK = v_BxLxGxK.transpose(0, 2, 1, 3)
+    mask_BxLxL = attention_mask((batch, length), segment_ids_BxL)
+    mask_Bx1xNxL = jnp.tile(mask_BxLxL, (1, per_group, 1))[:, None]
+    out_BxGxNxK = _softmax_attention(q_BxGxNxK, k_BxGxLxK, v_BxGxLxK, mask_Bx1xNxL)
+    return (out_BxGxNxK.reshape(batch, groups, per_group, length, head_dim)
+            .transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim))
+
+
+@jax.custom_vjp
+def _softmax_attention(q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, mask_Bx1xNxM):
+    """softmax(q k^T / sqrt(K), masked) v, with a hand-written backward pass: XLA:CPU
+    runs these explicit matmuls about 3x faster than the autodiff of the same forward."""
+    return _softmax_attention_forward(q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, mask_Bx1xNxM)[0]
+
+
+def _softmax_attention_forward(q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, mask_Bx1xNxM):
+    scale = q_BxGxNxK.shape[-1] ** -0.5
+    scores_BxGxNxM = jnp.einsum("bgnk,bgmk->bgnm", q_BxGxNxK, k_BxGxMxK,
+                                preferred_element_type=jnp.float32) * scale
+    scores_BxGxNxM = jnp.where(mask_Bx1xNxM, scores_BxGxNxM, jnp.finfo(jnp.float32).min)
+    probs_BxGxNxM = jax.nn.softmax(scores_BxGxNxM, axis=-1)
+    out_BxGxNxK = jnp.einsum("bgnm,bgmk->bgnk", probs_BxGxNxM.astype(v_BxGxMxK.dtype), v_BxGxMxK)
+    return out_BxGxNxK, (q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, probs_BxGxNxM, out_BxGxNxK)
+
+
+def _softmax_attention_backward(residuals, d_out_BxGxNxK):
+    """With P = softmax(S): dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)),
+    dQ = dS K / sqrt(K), dK = dS^T Q / sqrt(K)."""
+    q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, probs_BxGxNxM, out_BxGxNxK = residuals
+    dt = q_BxGxNxK.dtype
+    d_v_BxGxMxK = jnp.einsum("bgnm,bgnk->bgmk", probs_BxGxNxM.astype(dt), d_out_BxGxNxK)
+    d_probs_BxGxNxM = jnp.einsum("bgnk,bgmk->bgnm", d_out_BxGxNxK, v_BxGxMxK,
+                                 preferred_element_type=jnp.float32)
+    row_BxGxNx1 = jnp.sum(d_out_BxGxNxK.astype(jnp.float32) * out_BxGxNxK.astype(jnp.float32),
+                          axis=-1, keepdims=True)
+    scale = q_BxGxNxK.shape[-1] ** -0.5
+    d_scores_BxGxNxM = (probs_BxGxNxM * (d_probs_BxGxNxM - row_BxGxNx1) * scale).astype(dt)
+    d_q_BxGxNxK = jnp.einsum("bgnm,bgmk->bgnk", d_scores_BxGxNxM, k_BxGxMxK)
+    d_k_BxGxMxK = jnp.einsum("bgnm,bgnk->bgmk", d_scores_BxGxNxM, q_BxGxNxK)
+    return d_q_BxGxNxK, d_k_BxGxMxK, d_v_BxGxMxK, None
+
+
+_softmax_attention.defvjp(_softmax_attention_forward, _softmax_attention_backward)
 
 
 def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,

@@ -11,6 +11,8 @@ D embed, H query heads, G kv heads, K head dim, F mlp.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -26,6 +28,18 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: LogicalAxes, std: float)
     """A normally initialised float32 weight tagged with its logical axes."""
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
     return nnx.Param(value, logical_axes=axes)
+
+
+def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+    """Contract the last `contract` dims of x with the first ones of w, as one 2-D matmul.
+
+    Same result as the einsum, but XLA's CPU backend runs a 2-D matmul and its
+    gradients without the transposes it inserts for batched (B x L x ...) operands,
+    about twice as fast for the backward pass; on GPU/TPU it makes no difference.
+    """
+    lead, inner = x.shape[:x.ndim - contract], w.shape[:contract]
+    y = x.reshape(-1, math.prod(inner)) @ w.reshape(math.prod(inner), -1)
+    return y.reshape(*lead, *w.shape[contract:])
 
 
 def zeros(shape: tuple[int, ...], axes: LogicalAxes) -> nnx.Param:
@@ -99,9 +113,9 @@ class Attention(nnx.Module):
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
                  segment_ids_BxL: jax.Array | None) -> jax.Array:
         dt = self.dtype
-        q_BxLxHxK = jnp.einsum("bld,dhk->blhk", x_BxLxD, self.wq_DxHxK[...].astype(dt))
-        k_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wk_DxGxK[...].astype(dt))
-        v_BxLxGxK = jnp.einsum("bld,dgk->blgk", x_BxLxD, self.wv_DxGxK[...].astype(dt))
+        q_BxLxHxK = dense(x_BxLxD, self.wq_DxHxK[...].astype(dt))
+        k_BxLxGxK = dense(x_BxLxD, self.wk_DxGxK[...].astype(dt))
+        v_BxLxGxK = dense(x_BxLxD, self.wv_DxGxK[...].astype(dt))
         if self.biased:
             q_BxLxHxK = q_BxLxHxK + self.bq_HxK[...].astype(dt)
             k_BxLxGxK = k_BxLxGxK + self.bk_GxK[...].astype(dt)
@@ -114,7 +128,7 @@ class Attention(nnx.Module):
             k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, self.theta)
         out_BxLxHxK = attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, self.impl)
         out_BxLxHxK = constrain(out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
-        out_BxLxD = jnp.einsum("blhk,hkd->bld", out_BxLxHxK, self.wo_HxKxD[...].astype(dt))
+        out_BxLxD = dense(out_BxLxHxK, self.wo_HxKxD[...].astype(dt), contract=2)
         return out_BxLxD + self.bo_D[...].astype(dt) if self.biased else out_BxLxD
 
 
@@ -130,10 +144,10 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate_DxF[...].astype(dt))
-        up_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_up_DxF[...].astype(dt))
+        gate_BxLxF = dense(x_BxLxD, self.w_gate_DxF[...].astype(dt))
+        up_BxLxF = dense(x_BxLxD, self.w_up_DxF[...].astype(dt))
         hidden_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
-        return jnp.einsum("blf,fd->bld", hidden_BxLxF, self.w_down_FxD[...].astype(dt))
+        return dense(hidden_BxLxF, self.w_down_FxD[...].astype(dt))
 
 
 class GeluMLP(nnx.Module):
@@ -149,10 +163,10 @@ class GeluMLP(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.dtype
-        pre_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_in_DxF[...].astype(dt))
+        pre_BxLxF = dense(x_BxLxD, self.w_in_DxF[...].astype(dt))
         hidden_BxLxF = jax.nn.gelu(pre_BxLxF + self.b_in_F[...].astype(dt), approximate=True)
         hidden_BxLxF = constrain(hidden_BxLxF, ("batch", "length", "mlp"))
-        out_BxLxD = jnp.einsum("blf,fd->bld", hidden_BxLxF, self.w_out_FxD[...].astype(dt))
+        out_BxLxD = dense(hidden_BxLxF, self.w_out_FxD[...].astype(dt))
         return out_BxLxD + self.b_out_D[...].astype(dt)
 
 

@@ -81,6 +81,22 @@ def test_dot_product_attention_path_matches_xla_with_segments():
     assert not np.allclose(attend(q, k, v, None, "xla"), expected, atol=1e-3)
 
 
+def test_hand_written_attention_backward_equals_autodiff_of_the_reference():
+    q, k, v, segments = _qkv()
+    weights = jax.random.normal(jax.random.key(9), q.shape)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) * weights)
+
+    ours = jax.grad(functools.partial(loss, lambda q, k, v: attend(q, k, v, segments, "xla")),
+                    argnums=(0, 1, 2))(q, k, v)
+    reference = jax.grad(functools.partial(
+        loss, lambda q, k, v: dot_product_attention(q, k, v, segments, "xla")),
+        argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", ours, reference, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"d{name}")
+
+
 def test_splash_kernel_matches_xla_sharded_and_not():
     # Off TPU the Pallas kernel runs in its interpreter: slow, so small shapes.
     q, k, v, segments = _qkv()
