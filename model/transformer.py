@@ -96,9 +96,13 @@ class Transformer(nnx.Module):
         """The final normalised hidden states, which the unembedding turns into logits."""
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-        x_BxLxD = self.embed_VxD[...].astype(self.dtype)[tokens_BxL]
+        # The tables are gathered whole along embed first (as FSDP does for every weight):
+        # a lookup from an embed-sharded table cannot produce batch-sharded rows cheaply.
+        embed_VxD = constrain(self.embed_VxD[...], ("vocab", None))
+        x_BxLxD = embed_VxD.astype(self.dtype)[tokens_BxL]
         if self.learned_positions:
-            x_BxLxD = x_BxLxD + self.positions_PxD[...].astype(self.dtype)[positions_BxL]
+            positions_PxD = constrain(self.positions_PxD[...], ("positions", None))
+            x_BxLxD = x_BxLxD + positions_PxD.astype(self.dtype)[positions_BxL]
         x_BxLxD = constrain(x_BxLxD, ACTIVATION_AXES)
         x_BxLxD = self._blocks(x_BxLxD, positions_BxL, segment_ids_BxL)
         return self.final_norm(x_BxLxD)
