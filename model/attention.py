@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from sharding import active_mesh, logical_to_spec
+from sharding import active_mesh, constrain, logical_to_spec
 
 
 def attend(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
@@ -155,3 +155,30 @@ def _splash_local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, interpret):
     out_BxHxLxK = jax.vmap(one_row)(heads_first(q_BxLxHxK), heads_first(k_BxLxGxK),
                                     heads_first(v_BxLxGxK), segment_ids_BxL)
     return heads_first(out_BxHxLxK)
+
+
+def write_cache(cache_BxSxGxK: jax.Array, new_BxTxGxK: jax.Array, start_B: jax.Array) -> jax.Array:
+    """The cache with each row's T new entries written from slot start_B[b] on."""
+    def one_row(cache_SxGxK, new_TxGxK, start):
+        return jax.lax.dynamic_update_slice(cache_SxGxK, new_TxGxK.astype(cache_SxGxK.dtype),
+                                            (start, 0, 0))
+    cache_BxSxGxK = jax.vmap(one_row)(cache_BxSxGxK, new_BxTxGxK, start_B)
+    return constrain(cache_BxSxGxK, ("batch", "length", "kv_heads", "head_dim"))
+
+
+def attend_cache(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
+                 positions_BxT: jax.Array) -> jax.Array:
+    """Queries at positions p attend to cache slots 0..p (einsums; decoding has no backward)."""
+    batch, new, heads, head_dim = q_BxTxHxK.shape
+    slots, groups = k_BxSxGxK.shape[1:3]
+    q_BxTxGxRxK = q_BxTxHxK.reshape(batch, new, groups, heads // groups, head_dim)
+    k_BxSxGxK = k_BxSxGxK.astype(q_BxTxHxK.dtype)
+    scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
+                                  preferred_element_type=jnp.float32) * head_dim ** -0.5
+    visible_BxTxS = jnp.arange(slots)[None, None, :] <= positions_BxT[:, :, None]
+    scores_BxGxRxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxGxRxTxS,
+                                 jnp.finfo(jnp.float32).min)
+    probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1).astype(q_BxTxHxK.dtype)
+    out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs_BxGxRxTxS,
+                               v_BxSxGxK.astype(q_BxTxHxK.dtype))
+    return out_BxTxGxRxK.reshape(batch, new, heads, head_dim)

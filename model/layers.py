@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import ModelConfig
-from model.attention import attend
+from model.attention import attend, attend_cache, write_cache
 from sharding import constrain
 
 LogicalAxes = tuple[str | None, ...]
@@ -112,6 +112,25 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
                  segment_ids_BxL: jax.Array | None) -> jax.Array:
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._project(x_BxLxD, positions_BxL)
+        out_BxLxHxK = attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, self.impl)
+        return self._output(out_BxLxHxK)
+
+    def decode(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, k_BxSxGxK: jax.Array,
+               v_BxSxGxK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention of T new tokens per row over a KV cache of S slots.
+
+        The new keys and values are written at their positions first; a token at
+        position p then attends to slots 0..p (later slots hold stale entries).
+        """
+        q_BxTxHxK, k_BxTxGxK, v_BxTxGxK = self._project(x_BxTxD, positions_BxT)
+        k_BxSxGxK = write_cache(k_BxSxGxK, k_BxTxGxK, positions_BxT[:, 0])
+        v_BxSxGxK = write_cache(v_BxSxGxK, v_BxTxGxK, positions_BxT[:, 0])
+        out_BxTxHxK = attend_cache(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, positions_BxT)
+        return self._output(out_BxTxHxK), k_BxSxGxK, v_BxSxGxK
+
+    def _project(self, x_BxLxD: jax.Array,
+                 positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         dt = self.dtype
         q_BxLxHxK = dense(x_BxLxD, self.wq_DxHxK[...].astype(dt))
         k_BxLxGxK = dense(x_BxLxD, self.wk_DxGxK[...].astype(dt))
@@ -126,10 +145,12 @@ class Attention(nnx.Module):
         if self.rotary:
             q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, self.theta)
             k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, self.theta)
-        out_BxLxHxK = attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, self.impl)
+        return q_BxLxHxK, k_BxLxGxK, v_BxLxGxK
+
+    def _output(self, out_BxLxHxK: jax.Array) -> jax.Array:
         out_BxLxHxK = constrain(out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
-        out_BxLxD = dense(out_BxLxHxK, self.wo_HxKxD[...].astype(dt), contract=2)
-        return out_BxLxD + self.bo_D[...].astype(dt) if self.biased else out_BxLxD
+        out_BxLxD = dense(out_BxLxHxK, self.wo_HxKxD[...].astype(self.dtype), contract=2)
+        return out_BxLxD + self.bo_D[...].astype(self.dtype) if self.biased else out_BxLxD
 
 
 class SwiGLU(nnx.Module):

@@ -41,6 +41,14 @@ class Block(nnx.Module):
         x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
         return constrain(x_BxLxD, ACTIVATION_AXES)
 
+    def decode(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, k_BxSxGxK: jax.Array,
+               v_BxSxGxK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block on T new tokens per row, reading and extending this layer's KV cache."""
+        attended_BxTxD, k_BxSxGxK, v_BxSxGxK = self.attn.decode(
+            self.attn_norm(x_BxTxD), positions_BxT, k_BxSxGxK, v_BxSxGxK)
+        x_BxTxD = x_BxTxD + attended_BxTxD
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), k_BxSxGxK, v_BxSxGxK
+
 
 def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     """One Block whose every parameter has a leading `layers` axis of num_layers."""
@@ -78,6 +86,7 @@ class Transformer(nnx.Module):
             self.unembed_DxV = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
         self.dtype = jnp.dtype(cfg.dtype)
         self.remat = cfg.remat
+        self.num_layers = cfg.num_layers
 
     def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                  segment_ids_BxL: jax.Array | None = None) -> jax.Array:
@@ -86,16 +95,61 @@ class Transformer(nnx.Module):
         With `segment_ids_BxL` (packed rows), a position attends only to earlier
         positions of its own document; without, to all earlier positions.
         """
-        x_BxLxD = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL)
-        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, self.unembedding().astype(self.dtype),
-                                  preferred_element_type=jnp.float32)
-        return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+        return self.logits(self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL))
 
     def hidden(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                segment_ids_BxL: jax.Array | None = None) -> jax.Array:
         """The final normalised hidden states, which the unembedding turns into logits."""
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+        x_BxLxD = self._embed(tokens_BxL, positions_BxL)
+        x_BxLxD = self._blocks(x_BxLxD, positions_BxL, segment_ids_BxL)
+        return self.final_norm(x_BxLxD)
+
+    def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, self.unembedding().astype(self.dtype),
+                                  preferred_element_type=jnp.float32)
+        return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+    def unembedding(self) -> jax.Array:
+        """The output projection D x V (the embedding table, transposed, when tied)."""
+        return self.embed_VxD[...].T if self.tied else self.unembed_DxV[...]
+
+    def init_cache(self, rows: int, slots: int) -> dict[str, jax.Array]:
+        """An empty KV cache: keys and values of `slots` positions for every layer."""
+        attn = (self.blocks if self.scan else self.blocks[0]).attn
+        groups, head_dim = attn.wk_DxGxK.shape[-2:]
+        shape = (self.num_layers, rows, slots, groups, head_dim)
+        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+
+    def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array,
+               cache: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Logits of T new tokens per row (a prompt, or one sampled token), attending to
+        everything before them through the KV cache, and the extended cache."""
+        x_BxTxD = self._embed(tokens_BxT, positions_BxT)
+        if self.scan:
+            graphdef, stacked_state = nnx.split(self.blocks)
+
+            def layer(x_BxTxD, layer_inputs):
+                block_state, k_BxSxGxK, v_BxSxGxK = layer_inputs
+                x_BxTxD, k_BxSxGxK, v_BxSxGxK = nnx.merge(graphdef, block_state).decode(
+                    x_BxTxD, positions_BxT, k_BxSxGxK, v_BxSxGxK)
+                return x_BxTxD, (k_BxSxGxK, v_BxSxGxK)
+
+            x_BxTxD, (keys, values) = jax.lax.scan(
+                layer, x_BxTxD, (stacked_state, cache["k"], cache["v"]))
+        else:
+            keys, values = [], []
+            for block, k_BxSxGxK, v_BxSxGxK in zip(self.blocks, cache["k"], cache["v"],
+                                                   strict=True):
+                x_BxTxD, k_BxSxGxK, v_BxSxGxK = block.decode(x_BxTxD, positions_BxT,
+                                                            k_BxSxGxK, v_BxSxGxK)
+                keys.append(k_BxSxGxK)
+                values.append(v_BxSxGxK)
+            keys, values = jnp.stack(keys), jnp.stack(values)
+        return self.logits(self.final_norm(x_BxTxD)), {"k": keys, "v": values}
+
+    def _embed(self, tokens_BxL: jax.Array, positions_BxL: jax.Array) -> jax.Array:
         # The tables are gathered whole along embed first (as FSDP does for every weight):
         # a lookup from an embed-sharded table cannot produce batch-sharded rows cheaply.
         embed_VxD = constrain(self.embed_VxD[...], ("vocab", None))
@@ -103,13 +157,7 @@ class Transformer(nnx.Module):
         if self.learned_positions:
             positions_PxD = constrain(self.positions_PxD[...], ("positions", None))
             x_BxLxD = x_BxLxD + positions_PxD.astype(self.dtype)[positions_BxL]
-        x_BxLxD = constrain(x_BxLxD, ACTIVATION_AXES)
-        x_BxLxD = self._blocks(x_BxLxD, positions_BxL, segment_ids_BxL)
-        return self.final_norm(x_BxLxD)
-
-    def unembedding(self) -> jax.Array:
-        """The output projection D x V (the embedding table, transposed, when tied)."""
-        return self.embed_VxD[...].T if self.tied else self.unembed_DxV[...]
+        return constrain(x_BxLxD, ACTIVATION_AXES)
 
     def _blocks(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
                 segment_ids_BxL: jax.Array | None) -> jax.Array:
