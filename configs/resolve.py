@@ -114,6 +114,7 @@ def validate(config: Config) -> Config:
         "optim.warmup_steps": config.optim.warmup_steps, "optim.grad_clip": config.optim.grad_clip,
         "optim.learning_rate": config.optim.learning_rate,
         "model.loss_chunk_tokens": m.loss_chunk_tokens,
+        "profile.start_step": config.profile.start_step, "profile.steps": config.profile.steps,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -142,6 +143,7 @@ def validate(config: Config) -> Config:
             raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}; got {value!r}")
     _validate_mesh(config)
     _validate_distributed(config)
+    _validate_profile(config)
     return config
 
 
@@ -170,6 +172,18 @@ def _validate_distributed(config: Config) -> None:
     if not 0 <= dist.process_id < dist.num_processes:
         raise ConfigError(f"distributed.process_id must be in [0, {dist.num_processes}), "
                           f"got {dist.process_id}")
+
+
+def _validate_profile(config: Config) -> None:
+    profile = config.profile
+    if not profile.steps:
+        return
+    if profile.start_step < 1:
+        raise ConfigError("profile.start_step counts steps as the log line does, from 1; "
+                          f"got {profile.start_step}")
+    if profile.start_step > config.train.steps:
+        raise ConfigError(f"profile.start_step ({profile.start_step}) is past the last step "
+                          f"of the run, train.steps ({config.train.steps})")
 
 
 def _validate_mesh(config: Config) -> None:

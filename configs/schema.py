@@ -187,6 +187,18 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """A JAX profiler trace of a window of steps, into `<run_dir>/profile/` (TensorBoard's
+    profile plugin, or `perfetto_trace.json.gz` in ui.perfetto.dev)."""
+
+    start_step: int = 10
+    """First traced step, numbered as on the log line (the first step is 1). A run resumed past
+    it traces only the rest of the window, and nothing once the window is behind it."""
+    steps: int = 0
+    """Number of consecutive steps traced (0: no trace)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedConfig:
     """Multi-process (multi-host) runs; `jax.distributed.initialize` is called from these.
 
@@ -212,6 +224,7 @@ class Config:
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    profile: ProfileConfig = ProfileConfig()
     distributed: DistributedConfig = DistributedConfig()
     seed: int = 0
     """Seeds parameter initialisation and the data shuffle."""

@@ -17,7 +17,7 @@ import configs
 import input as data_input
 import sharding
 from configs.schema import Config
-from train import compile_cache, flops
+from train import compile_cache, flops, progress
 from train import state as train_state
 from train.compiled import compile_train_step
 from train.feed import DeviceFeed
@@ -25,6 +25,7 @@ from train.goodput import Goodput
 from train.metrics_log import MetricsLog
 from train.optimizer import make_optimizer
 from train.preemption import Preemption
+from train.profiling import StepProfiler
 from train.step import eval_step
 
 
@@ -64,9 +65,13 @@ class _Meter:
         return elapsed, steps, wait, blocked
 
 
+# stdout of process 0: log lines, and on a terminal the step bar below them.
+_console = progress.Console()
+
+
 def say(message: str) -> None:
     if jax.process_index() == 0:
-        print(message, flush=True)
+        _console.say(message)
 
 
 def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
@@ -209,6 +214,7 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
         return state, {}, 0.0, 0.0
     saved_config = configs.to_dict(config)
     log = MetricsLog(config.run_dir)
+    profiler = StepProfiler(config.profile, config.run_dir, start, end, report=say)
     losses: dict[int, float] = {}
     per_token = flops.flops_per_token(config.model, config.data.seq_len)
     peak, peak_source = flops.peak_flops(list(mesh.devices.flat), config.model.dtype)
@@ -220,14 +226,18 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
     pending = None
     feed = DeviceFeed(batches, sharding.batch_sharding(mesh, config.mesh.rules),
                       depth=config.data.device_prefetch, start=start)
-    with feed:
+    bar = _console.bar(start, end, show=jax.process_index() == 0)
+    with feed, log, profiler, bar as progress_bar:
         for step in range(start, end):
+            profiler.before_step(step + 1, state)
             waited = time.perf_counter()
             batch, position = next(feed)
             waited = time.perf_counter() - waited
             meter.data_wait += waited
             total_wait += waited
             state, metrics = step_fn(state, batch)
+            profiler.after_step(step + 1, (state, metrics))
+            progress_bar.dispatched(step + 1, metrics["loss"])
             if pending is not None:
                 _report(config, *pending, meter, losses, log)
             pending = (step + 1, metrics)
@@ -261,6 +271,7 @@ def _report(config: Config, step: int, metrics: dict[str, jax.Array], meter: _Me
         "step_ms": 1e3 * elapsed / max(steps, 1), "data_wait_ms": 1e3 * wait / max(steps, 1),
         "data_wait_pct": 100 * wait / max(elapsed, 1e-9), "checkpoint_blocked_ms": 1e3 * blocked}
     log.write(record)
+    _console.update_bar(loss=record["loss"])
     say(f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
         f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
         f"MFU {100 * record['mfu']:.1f}% | "
@@ -294,12 +305,12 @@ def _evaluate(config: Config, mesh: jax.sharding.Mesh, param_shardings: Any, par
             losses[source.name] = (loss_sum / tokens, source.weight, tokens)
     if not losses:
         return None
-    log = MetricsLog(config.run_dir)
-    for name, (loss, _, tokens) in losses.items():
-        log.write({"step": step, "dataset": name, "eval_loss": loss,
-                   "eval_perplexity": math.exp(min(loss, 50)), "eval_tokens": tokens})
-        prefix = "eval:" if len(sources) == 1 else f"eval {name}:"
-        say(f"{prefix} held-out loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f} | "
-            f"{int(tokens):,} tokens")
+    with MetricsLog(config.run_dir) as log:
+        for name, (loss, _, tokens) in losses.items():
+            log.write({"step": step, "dataset": name, "eval_loss": loss,
+                       "eval_perplexity": math.exp(min(loss, 50)), "eval_tokens": tokens})
+            prefix = "eval:" if len(sources) == 1 else f"eval {name}:"
+            say(f"{prefix} held-out loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f} "
+                f"| {int(tokens):,} tokens")
     total = sum(weight for _, weight, _ in losses.values())
     return sum(loss * weight for loss, weight, _ in losses.values()) / total

@@ -1,4 +1,5 @@
-"""`<run_dir>/metrics.jsonl`: one JSON object per logged step and per evaluation.
+"""`<run_dir>/metrics.jsonl`: one JSON object per logged step and per evaluation; the same
+scalars go to TensorBoard event files in `<run_dir>/tensorboard/`.
 
 A restarted run appends, so the file holds the whole history of the run.
 """
@@ -12,19 +13,33 @@ from typing import Any
 
 import jax
 
+from train.tensorboard_log import TensorBoardLog
+
 FILENAME = "metrics.jsonl"
 
 
 class MetricsLog:
     def __init__(self, run_dir: str | pathlib.Path):
         self.path = pathlib.Path(run_dir) / FILENAME
+        self.tensorboard = TensorBoardLog(run_dir)
 
     def write(self, record: dict[str, Any]) -> None:
         if jax.process_index() != 0:
             return
+        record = {**record, "time": round(time.time(), 3)}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
-            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+            f.write(json.dumps(record) + "\n")
+        self.tensorboard.write(record)
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
