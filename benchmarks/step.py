@@ -4,10 +4,11 @@
 
 The whole step is timed (forward, backward, AdamW update; state donated), with random
 tokens already on the devices, so the input pipeline is not part of it. Model FLOPs are
-counted by the formula in train/flops.py; on CPU the peak is a large matmul measured in
-this same run, per dtype (the best of two sizes, ten times each). Figures are medians over the timed steps. The 8 devices are
-fake CPU devices sharing this host's cores: the layouts compare the cost of the
-partitioned programs (collectives included), not more hardware.
+counted by the formula in train/flops.py; on CPU the peak is large matmuls measured in
+this same run, per dtype (the best of two sizes, ten times each). Figures are medians
+over the timed steps. The 8 devices are fake CPU devices sharing this host's cores: the
+layouts compare the cost of the partitioned programs (collectives included), not more
+hardware.
 On a GPU or TPU host, run it there; the peak is then the spec-sheet figure.
 """
 

@@ -8,6 +8,7 @@ per token, and it stops as soon as every row has produced the end-of-text token.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -102,9 +103,8 @@ def _until_eos(ids: np.ndarray, eos_id: int) -> list[int]:
 
 def _run(params, *args, phase, cfg, sampling, slots, eos_id, mesh, rules, dequantize):
     transformer = model.merge(cfg, dequantize(params))
-    if mesh is None:
-        return _PHASES[phase](transformer, *args, sampling=sampling, slots=slots, eos_id=eos_id)
-    with sharding.use_rules(mesh, rules):
+    rules_in_force = contextlib.nullcontext() if mesh is None else sharding.use_rules(mesh, rules)
+    with rules_in_force:
         return _PHASES[phase](transformer, *args, sampling=sampling, slots=slots, eos_id=eos_id)
 
 
