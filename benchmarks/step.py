@@ -15,6 +15,7 @@ On a GPU or TPU host, run it there; the peak is then the spec-sheet figure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import pathlib
@@ -48,8 +49,8 @@ LAYOUTS = {
 def time_step(config: configs.Config, devices: list[jax.Device], steps: int) -> dict[str, float]:
     """Median seconds per step of the compiled train step, and its compile time."""
     mesh = sharding.make_mesh(config.mesh, devices)
-    config = config.__class__(**{**config.__dict__, "model": configs.resolve_auto(
-        config.model, devices[0].platform)})
+    config = dataclasses.replace(
+        config, model=configs.resolve_auto(config.model, devices[0].platform))
     tx = make_optimizer(config.optim, config.train.steps)
     shardings = state_shardings(config, mesh, tx)
     state = jax.jit(functools.partial(init_state, config, tx), out_shardings=shardings)()

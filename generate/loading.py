@@ -15,6 +15,7 @@ import sharding
 from checkpoint.inspect import list_steps, saved_config
 from configs.resolve import apply_overrides
 from configs.schema import Config, MeshConfig
+from train.state import with_shardings
 
 
 @dataclasses.dataclass
@@ -50,6 +51,5 @@ def load(run_dir: str | pathlib.Path, step: int | None = None,
     shapes = model.abstract_params(config.model)
     shardings = sharding.tree_shardings(mesh, model.logical_axes(config.model), shapes,
                                         config.mesh.rules)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
+    target = with_shardings(shapes, shardings)
     return Loaded(config, checkpoint.restore_params(directory, step, target), step, mesh)

@@ -106,14 +106,10 @@ def _loss_sum_and_grads(h_BxLxD, unembed_DxV, targets_BxL, weights_BxL, chunk):
     return total, (d_h_BxLxD, d_unembed_DxV.astype(unembed_DxV.dtype))
 
 
-def _loss_sum_forward(h_BxLxD, unembed_DxV, targets_BxL, weights_BxL, chunk):
-    total, grads = _loss_sum_and_grads(h_BxLxD, unembed_DxV, targets_BxL, weights_BxL, chunk)
-    return total, grads
-
-
 def _loss_sum_backward(chunk, grads, cotangent):
     d_h_BxLxD, d_unembed_DxV = grads
     return (d_h_BxLxD * cotangent.astype(d_h_BxLxD.dtype), d_unembed_DxV * cotangent, None, None)
 
 
-_loss_sum.defvjp(_loss_sum_forward, _loss_sum_backward)
+# The forward pass already has the gradients: they are the residuals.
+_loss_sum.defvjp(_loss_sum_and_grads, _loss_sum_backward)

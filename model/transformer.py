@@ -10,7 +10,6 @@ from flax import nnx
 
 from configs import resolve_auto
 from configs.schema import ModelConfig
-from model.attention import attention_mask
 from model.layers import Attention, mlp, norm, param
 from sharding import constrain
 
@@ -21,8 +20,6 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # keep only the block's inputs
     "save_dots": jax.checkpoint_policies.checkpoint_dots,
 }
-
-__all__ = ["Block", "Transformer", "attention_mask"]
 
 
 class Block(nnx.Module):
