@@ -71,7 +71,7 @@ class ModelConfig:
     remat: str = "none"
     """Recompute activations in the backward pass, per block: `none`, `full`, or `save_dots`
     (keep matmul outputs, recompute the rest)."""
-    loss_chunk_tokens: int = 256
+    loss_chunk_tokens: int = 512
     """Compute the output projection and cross-entropy fused, about this many tokens at a
     time, so the batch x length x vocab logits are never held; 0 computes them whole."""
 

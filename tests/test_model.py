@@ -72,3 +72,21 @@ def test_a_packed_document_matches_the_same_document_alone():
                      jnp.array([[1] * 5 + [2] * 7]))
     alone = forward(params, doc_b[None], jnp.arange(7)[None], jnp.ones((1, 7), jnp.int32))
     np.testing.assert_allclose(packed[0, 5:], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_gradients_equal_those_of_the_einsum():
+    """`dense` has its own backward (x^T laid out before the weight-gradient matmul)."""
+    from model.layers import dense
+    x_BxLxHxK = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
+    w_HxKxD = jax.random.normal(jax.random.key(1), (3, 4, 6))
+    d_y = jax.random.normal(jax.random.key(2), (2, 5, 6))
+
+    def through(f):
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * d_y), argnums=(0, 1)))(
+            x_BxLxHxK, w_HxKxD)
+
+    ours = through(lambda x, w: dense(x, w, contract=2))
+    reference = through(lambda x, w: jnp.einsum("blhk,hkd->bld", x, w))
+    for got, want in zip(ours, reference, strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import checkpoint
 import configs
 import input as data_input
 import sharding
-from train import distributed
+from train import distributed, host_memory
 from train.loop import run
 
 USER_ERRORS = (configs.ConfigError, data_input.DataError, sharding.MeshError,
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = configs.load(args.config, args.overrides)
+        host_memory.keep_freed_memory()  # before the backend starts its threads
         distributed.initialize(config.distributed)  # before anything starts a JAX backend
         run(config)
     except USER_ERRORS as e:
