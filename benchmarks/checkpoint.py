@@ -25,6 +25,10 @@ import time
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from train import host_memory  # noqa: E402
+
+# As `python -m train` does, before JAX and the checkpoint libraries start threads.
+KEPT = host_memory.keep_freed_memory()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -260,6 +264,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=21)
     parser.add_argument("--only", default="12345", help="which figures to measure, e.g. 14")
     args = parser.parse_args()
+    print(f"host memory kept between steps: {KEPT}")
     work = pathlib.Path(args.dir)
     if set(args.only) & set("134"):
         config = configs.load(None, [*BIG_MODEL, "mesh.data=1", "mesh.fsdp=8"])

@@ -26,13 +26,17 @@ import time
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from train import host_memory  # noqa: E402
+
+# As `python -m train` does, before JAX and the checkpoint libraries start threads.
+KEPT = host_memory.keep_freed_memory()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import configs  # noqa: E402
 import sharding  # noqa: E402
-from train import flops, host_memory  # noqa: E402
+from train import flops  # noqa: E402
 from train.compiled import compile_train_step  # noqa: E402
 from train.optimizer import make_optimizer  # noqa: E402
 from train.state import init_state, state_shardings  # noqa: E402
@@ -87,7 +91,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration")
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args()
-    print(f"host memory kept between steps: {host_memory.keep_freed_memory()}")
+    print(f"host memory kept between steps: {KEPT}")
     devices = jax.devices()
     platform = devices[0].platform
     dtypes = args.dtypes.split(",")

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
+from train import host_memory
 
-import checkpoint
-import configs
-import input as data_input
-import sharding
-from train import distributed, host_memory
-from train.loop import run
+# First, before JAX, Orbax and TensorStore start their threads (each picks its malloc
+# arena when it starts).
+host_memory.keep_freed_memory()
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+import checkpoint  # noqa: E402
+import configs  # noqa: E402
+import input as data_input  # noqa: E402
+import sharding  # noqa: E402
+from train import distributed  # noqa: E402
+from train.loop import run  # noqa: E402
 
 USER_ERRORS = (configs.ConfigError, data_input.DataError, sharding.MeshError,
                checkpoint.CheckpointError)
@@ -26,7 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = configs.load(args.config, args.overrides)
-        host_memory.keep_freed_memory()  # before the backend starts its threads
         distributed.initialize(config.distributed)  # before anything starts a JAX backend
         run(config)
     except USER_ERRORS as e:
