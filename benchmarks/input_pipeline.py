@@ -24,6 +24,10 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from train import host_memory  # noqa: E402
+
+# As `python -m train` does, before JAX and the data libraries start threads.
+host_memory.keep_freed_memory()
 
 import configs  # noqa: E402
 from input import (  # noqa: E402
