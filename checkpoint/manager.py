@@ -8,6 +8,7 @@ is half written. After the rename we add checksums (see `integrity`).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import pathlib
 import threading
@@ -154,18 +155,13 @@ class Checkpointer:
 
     def restore(self, step: int, target: Any) -> Restored:
         """Read step `step` into `target`'s structure, each array straight into its sharding."""
-        self.verify(step)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         args = ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args),
             data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore())
-        try:
-            restored = self._manager.restore(step, args=args)
-        except Exception as e:  # Orbax and TensorStore raise many types; name the step.
-            raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} could not be restored: "
-                f"{str(e)[:500]}") from e
+        restored = verified_restore(self.directory, step, self.report,
+                                    lambda: self._manager.restore(step, args=args))
         return Restored(step, restored.state, dict(restored.data), dict(restored.config))
 
     def restore_latest(self, target: Any, fallback: bool) -> Restored | None:
@@ -214,20 +210,40 @@ def verify_step(directory: pathlib.Path, step: int, report: Callable[[str], None
         raise CheckpointError(str(e)) from e
 
 
+def verified_restore(directory: pathlib.Path, step: int, report: Callable[[str], None],
+                     restore: Callable[[], Any], what: str = "checkpoint") -> Any:
+    """`restore()` of step `step`, its files checked against their checksums meanwhile.
+
+    Both read the same files, so whichever comes second finds them in the page
+    cache: the check costs no second read from disk. A damaged file explains a
+    failed restore best, so its error is the one raised.
+    """
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify") as pool:
+        verified = pool.submit(verify_step, directory, step, report)
+        try:
+            restored = restore()
+        except Exception as e:  # Orbax and TensorStore raise many types; name the step.
+            verified.result()
+            raise CheckpointError(f"{what} step {step} in {directory} could not be restored: "
+                                  f"{str(e)[:500]}") from e
+        verified.result()
+    return restored
+
+
 def restore_params(directory: str | pathlib.Path, step: int, target: Any) -> Any:
     """Only the parameters of a step (no optimizer state is read), into `target`'s shardings."""
-    verify_step(pathlib.Path(directory).absolute(), step, print)
+    directory = pathlib.Path(directory).absolute()
     manager = ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(),
-        options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state",))
+        directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state",))
     item = {"params": target}
     args = ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True)
+    def read() -> Any:
+        return manager.restore(step, args=ocp.args.Composite(state=args))
+
     try:
-        return manager.restore(step, args=ocp.args.Composite(state=args)).state["params"]
-    except Exception as e:  # name the step whatever Orbax raised
-        raise CheckpointError(f"parameters of checkpoint step {step} in {directory} could not "
-                              f"be restored: {str(e)[:500]}") from e
+        restored = verified_restore(directory, step, print, read, what="parameters of checkpoint")
     finally:
         manager.close()
+    return restored.state["params"]

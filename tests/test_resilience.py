@@ -1,5 +1,6 @@
 """Checkpoints under stress: preemption, kill -9, damaged files, cache restarts."""
 
+import dataclasses
 import os
 import random
 import re
@@ -129,10 +130,10 @@ def test_truncated_file_is_named(tmp_path):
                    key=lambda p: p.stat().st_size)
     with open(files[-1], "r+b") as f:
         f.truncate(10)
-    ckpt = Checkpointer(tmp_path / "checkpoints", config.checkpoint)
+    # Orbax fails on the truncated file while the checksums are verified beside it: the
+    # error names the file all the same.
     with pytest.raises(CheckpointError, match=rf"step 2: file {files[-1]} has 10 bytes"):
-        ckpt.verify(2)
-    ckpt.close()
+        run(dataclasses.replace(config, train=dataclasses.replace(config.train, steps=4)))
 
 
 def test_params_only_restore_onto_another_mesh(tmp_path):
