@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -76,7 +77,7 @@ class Checkpointer:
             preservation_policy=policies.AnyPreservationPolicy(keep),
             enable_async_checkpointing=cfg.async_save, create=True, async_options=async_options)
         handlers = {
-            "state": ocp.PyTreeCheckpointHandler(use_compression=cfg.compress),
+            "state": _state_handler(cfg.compress),
             "data": ocp.JsonCheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
         }
@@ -196,6 +197,26 @@ class Checkpointer:
         self._closed = True  # a save that failed never commits: stop watching for it
         for watcher in self._watchers:
             watcher.join(timeout=1.0)
+
+
+def _state_handler(compress: bool) -> ocp.PyTreeCheckpointHandler:
+    """Orbax's handler for the train state.
+
+    Orbax's default splits each replicated array into slices, one per replica, so
+    that several hosts share its write; it cuts those slices on the device while the
+    loop waits. A single process writes every shard itself, so there it saves
+    unsliced: measured on the 1.1 GB state of benchmarks/checkpoint.py, the loop's
+    wait per save halves (0.119 -> 0.058 s, median of 5).
+    """
+    if jax.process_count() > 1:
+        return ocp.PyTreeCheckpointHandler(use_compression=compress)
+    handlers = ocp.type_handlers
+    scalar = handlers.ScalarHandler()
+    registry = handlers.create_type_handler_registry(
+        (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar),
+        (np.ndarray, handlers.NumpyHandler()), (str, handlers.StringHandler()),
+        (jax.Array, handlers.ArrayHandler(use_replica_parallel=False)))
+    return ocp.PyTreeCheckpointHandler(use_compression=compress, type_handler_registry=registry)
 
 
 def verify_step(directory: pathlib.Path, step: int, report: Callable[[str], None]) -> None:

@@ -86,12 +86,16 @@ def test_kill9_at_random_moments_resumes_bit_identical(tmp_path):
     config = tiny_config(*LONG, f"run_dir={tmp_path / 'whole'}")
     run(config)
     rng = random.Random(0)
-    for _ in range(3):
+    # Each run is killed a random moment after its checkpoint of a random later step has
+    # been committed (steps take ~10 ms here, so a fixed wait could outlast the run).
+    for target in sorted(rng.sample(range(4, 34, 2), 3)):
         process = _start(tmp_path / "killed")
-        _wait_for_line(process, r"checkpoint step \d+: committed")  # each run makes progress
-        time.sleep(rng.uniform(0.0, 1.0))
+        _wait_for_line(process, rf"checkpoint step ({'|'.join(map(str, range(target, 40, 2)))})"
+                                r": committed")
+        time.sleep(rng.uniform(0.0, 0.15))
         process.kill()
         process.communicate(timeout=60)
+        assert process.returncode == -signal.SIGKILL, "the run ended before it was killed"
     finished = run(tiny_config(*LONG, f"run_dir={tmp_path / 'killed'}"))
     assert finished.final_step == 40 and finished.start_step > 0
     step_a, whole = _final_params(tmp_path / "whole", config)
