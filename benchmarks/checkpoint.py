@@ -80,10 +80,23 @@ def state_bytes(state) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(state))
 
 
+def host_copy(state) -> list[np.ndarray]:
+    """Every addressable shard of the state, copied into host memory."""
+    return [np.array(shard.data, copy=True)
+            for leaf in jax.tree.leaves(state) for shard in leaf.addressable_shards]
+
+
+def write_and_fsync(path: pathlib.Path, shards: list[np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        for shard in shards:
+            f.write(memoryview(np.ascontiguousarray(shard)).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def memory_copy_seconds(state) -> float:
     started = time.perf_counter()
-    copies = [np.array(shard.data, copy=True)
-              for leaf in jax.tree.leaves(state) for shard in leaf.addressable_shards]
+    copies = host_copy(state)
     elapsed = time.perf_counter() - started
     del copies
     return elapsed
@@ -130,11 +143,7 @@ def raw_write(state, path) -> float:
     shards = [np.asarray(shard.data) for leaf in jax.tree.leaves(state)
               for shard in leaf.addressable_shards]
     started = time.perf_counter()
-    with open(path / "raw.bin", "wb") as f:
-        for shard in shards:
-            f.write(memoryview(np.ascontiguousarray(shard)).cast("B"))
-        f.flush()
-        os.fsync(f.fileno())
+    write_and_fsync(path / "raw.bin", shards)
     return time.perf_counter() - started
 
 
@@ -183,19 +192,14 @@ class BareSaves:
         self.wait()
         jax.block_until_ready(state)
         started = time.perf_counter()
-        shards = [np.array(shard.data, copy=True) for leaf in jax.tree.leaves(state)
-                  for shard in leaf.addressable_shards]
+        shards = host_copy(state)
         blocked = time.perf_counter() - started
         self.writer = threading.Thread(target=self._write, args=(step, shards))
         self.writer.start()
         return blocked
 
     def _write(self, step: int, shards: list[np.ndarray]) -> None:
-        with open(self.directory / f"{step}.bin", "wb") as f:
-            for shard in shards:
-                f.write(memoryview(np.ascontiguousarray(shard)).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
+        write_and_fsync(self.directory / f"{step}.bin", shards)
         written = sorted(self.directory.iterdir(), key=lambda p: int(p.stem))
         for old in written[:-self.keep]:
             old.unlink()
