@@ -39,7 +39,7 @@ import sharding  # noqa: E402
 from train import flops  # noqa: E402
 from train.compiled import compile_train_step  # noqa: E402
 from train.optimizer import make_optimizer  # noqa: E402
-from train.state import init_state, state_shardings  # noqa: E402
+from train.state import init_state, shardings_of, state_target  # noqa: E402
 
 # Layout name -> (devices, mesh overrides).
 LAYOUTS = {
@@ -56,9 +56,10 @@ def time_step(config: configs.Config, devices: list[jax.Device], steps: int) -> 
     config = dataclasses.replace(
         config, model=configs.resolve_auto(config.model, devices[0].platform))
     tx = make_optimizer(config.optim, config.train.steps)
-    shardings = state_shardings(config, mesh, tx)
-    state = jax.jit(functools.partial(init_state, config, tx), out_shardings=shardings)()
-    compiled = compile_train_step(config, mesh, tx, shardings)
+    target = state_target(config, mesh, tx)
+    state = jax.jit(functools.partial(init_state, config, tx),
+                    out_shardings=shardings_of(target))()
+    compiled = compile_train_step(config, mesh, tx, target)
     batch = random_batch(config, sharding.batch_sharding(mesh, config.mesh.rules))
     for _ in range(2):  # warm-up
         state, metrics = compiled.fn(state, batch)

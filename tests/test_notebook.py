@@ -40,7 +40,7 @@ def test_quickstart_trains_resumes_plots_restores_and_samples(tmp_path, monkeypa
     assert f"run dir {tmp_path}/quickstart-" in text
     assert "first call: steps 0 -> 50" in text
     assert "resumed from checkpoint step 50" in text
-    assert "train step from the compilation cache" in text
+    assert "train step loaded as a saved executable" in text
     assert "second call: steps 50 -> 100" in text
     first, last = map(float, re.search(r"loss: step 1 ([\d.]+) -> step 100 ([\d.]+)",
                                        text).groups())

@@ -15,7 +15,7 @@ from sharding import batch_sharding, make_mesh
 from train import flops
 from train.compiled import StepMemory, check_fits, compile_train_step
 from train.optimizer import make_optimizer
-from train.state import init_state, state_shardings
+from train.state import init_state, shardings_of, state_target
 
 
 def _batch(rows, length, seed=0):
@@ -31,9 +31,10 @@ def _batch(rows, length, seed=0):
 def _one_step(config, devices=None):
     mesh = make_mesh(config.mesh, devices)
     tx = make_optimizer(config.optim, config.train.steps)
-    shardings = state_shardings(config, mesh, tx)
-    state = jax.jit(functools.partial(init_state, config, tx), out_shardings=shardings)()
-    step = compile_train_step(config, mesh, tx, shardings)
+    target = state_target(config, mesh, tx)
+    state = jax.jit(functools.partial(init_state, config, tx),
+                    out_shardings=shardings_of(target))()
+    step = compile_train_step(config, mesh, tx, target)
     batch = {k: jax.device_put(v, batch_sharding(mesh, config.mesh.rules))
              for k, v in _batch(config.train.batch_size, config.data.seq_len).items()}
     return step, *step.fn(state, batch)

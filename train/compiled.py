@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -12,7 +14,7 @@ import numpy as np
 import configs
 import sharding
 from configs.schema import Config
-from train import compile_cache
+from train import compile_cache, executable_cache
 from train import state as train_state
 from train.optimizer import lr_schedule
 from train.step import train_step
@@ -47,14 +49,46 @@ class CompiledStep:
     fn: Any
     """(state, batch) -> (state, metrics); the state argument is donated."""
     seconds: float
-    from_cache: bool
+    source: str
+    """"compiled", "compilation cache" (XLA's compile skipped) or "saved executable"
+    (tracing and lowering skipped too)."""
     memory: StepMemory | None
+
+    @property
+    def from_cache(self) -> bool:
+        return self.source != "compiled"
 
 
 def compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
-                       shardings: train_state.TrainState) -> CompiledStep:
-    """`.lower().compile()` of the step with explicit in/out shardings; refuses a step whose
-    memory per device exceeds what the device has."""
+                       target: train_state.TrainState, saved: pathlib.Path | None = None,
+                       report: Callable[[str], None] = print) -> CompiledStep:
+    """The step with explicit in/out shardings for a state like `target` (sharded shapes);
+    refuses a step whose memory per device exceeds what the device has.
+
+    With `saved` (a directory), the step is loaded from there when an executable for the
+    same config, code, libraries and devices was saved, and saved there when compiled.
+    """
+    started = time.perf_counter()
+    devices = list(mesh.devices.flat)
+    digest = executable_cache.key(configs.to_dict(config), devices) if saved else ""
+    compiled = executable_cache.load(saved, digest, devices, report) if saved else None
+    if compiled is not None:
+        source = "saved executable"
+    else:
+        hits = compile_cache.hits()
+        compiled = _lower(config, mesh, tx, target).compile()
+        source = "compilation cache" if compile_cache.hits() > hits else "compiled"
+        if saved and source == "compiled":  # see executable_cache.save
+            executable_cache.save(saved, digest, compiled, report)
+    seconds = time.perf_counter() - started
+    memory = step_memory(compiled)
+    if memory is not None:
+        check_fits(memory, device_memory_bytes(mesh.local_devices[0]))
+    return CompiledStep(compiled, seconds, source, memory)
+
+
+def _lower(config: Config, mesh: jax.sharding.Mesh, tx: Any,
+           target: train_state.TrainState) -> jax.stages.Lowered:
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     schedule = lr_schedule(config.optim, config.train.steps)
@@ -64,19 +98,13 @@ def compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
             return train_step(state, batch, cfg=config.model, tx=tx, schedule=schedule,
                               microbatches=config.train.microbatches)
 
+    shardings = train_state.shardings_of(target)
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, replicated), donate_argnums=0)
     shape = (config.train.batch_size, config.data.seq_len)
     batch_shapes = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                     for name, dtype in BATCH_DTYPES.items()}
-    state_shapes = train_state.with_shardings(train_state.abstract_state(config, tx), shardings)
-    started, hits = time.perf_counter(), compile_cache.hits()
-    compiled = jitted.lower(state_shapes, batch_shapes).compile()
-    seconds = time.perf_counter() - started
-    memory = step_memory(compiled)
-    if memory is not None:
-        check_fits(memory, device_memory_bytes(mesh.local_devices[0]))
-    return CompiledStep(compiled, seconds, compile_cache.hits() > hits, memory)
+    return jitted.lower(target, batch_shapes)
 
 
 def step_memory(compiled: Any) -> StepMemory | None:

@@ -93,16 +93,20 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
         say(f"data {source.name} (weight {source.weight:g}): {len(source.splits.train)} train "
             f"rows, {len(source.splits.eval)} held-out rows of {config.data.seq_len} tokens")
 
+    saved_steps = None
     if config.train.compile_cache:
         cache_dir = config.train.compile_cache_dir or pathlib.Path(config.run_dir) / "compile_cache"
-        say(f"compilation cache: {compile_cache.enable(cache_dir)}")
+        cache_dir = compile_cache.enable(cache_dir)
+        say(f"compilation cache: {cache_dir}")
+        if jax.process_count() == 1:
+            saved_steps = pathlib.Path(cache_dir) / "train_steps"
     tx = make_optimizer(config.optim, config.train.steps)
-    shardings = train_state.state_shardings(config, mesh, tx)
+    target = train_state.state_target(config, mesh, tx)
     ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(config.run_dir), config.checkpoint,
                                    report=say)
     try:
-        state, position, step_fn = _restore_while_compiling(config, mesh, tx, shardings, ckpt,
-                                                            clock)
+        state, position, step_fn = _restore_while_compiling(config, mesh, tx, target, ckpt,
+                                                            clock, saved_steps)
         start = int(state.step)
         train_rows = (sources[0].splits.train if len(sources) == 1 else
                       [(source.splits.train, source.weight) for source in sources])
@@ -129,7 +133,8 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
         clock.save_and_print(config.run_dir, say)
         return RunResult(state, start, int(state.step), losses, None, True, seconds, waited)
     evaluating = time.perf_counter()
-    eval_loss = _evaluate(config, mesh, shardings.params, state.params, sources, int(state.step))
+    eval_loss = _evaluate(config, mesh, train_state.shardings_of(target.params), state.params,
+                          sources, int(state.step))
     clock.add("evaluation", time.perf_counter() - evaluating)
     clock.save_and_print(config.run_dir, say)
     return RunResult(state, start, int(state.step), losses, eval_loss, False, seconds, waited)
@@ -150,18 +155,20 @@ def _check_fits(config: Config, mesh: jax.sharding.Mesh, tokenizer: Any) -> None
 
 
 def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
-                             shardings: train_state.TrainState, ckpt: checkpoint.Checkpointer,
-                             clock: Goodput) -> tuple[Any, dict[str, Any], Any]:
+                             target: train_state.TrainState, ckpt: checkpoint.Checkpointer,
+                             clock: Goodput, saved_steps: pathlib.Path | None,
+                             ) -> tuple[Any, dict[str, Any], Any]:
     """State, data position and compiled step; restore and compilation overlap.
 
     Compiling needs only shapes and shardings, so a restarted run reads its
-    checkpoint while XLA compiles (or loads the step from the cache).
+    checkpoint while XLA compiles (or loads the step from a cache).
     """
     def compile_step():
         compiling = time.perf_counter()
-        step = compile_train_step(config, mesh, tx, shardings)
+        step = compile_train_step(config, mesh, tx, target, saved_steps, report=say)
         clock.add("compilation", time.perf_counter() - compiling)
-        source = "from the compilation cache" if step.from_cache else "compiled"
+        source = {"compiled": "compiled", "compilation cache": "from the compilation cache",
+                  "saved executable": "loaded as a saved executable (no tracing)"}[step.source]
         say(f"train step {source} in {step.seconds:.1f} s")
         if step.memory is not None:
             say(f"memory per device: {step.memory.describe()}")
@@ -170,7 +177,7 @@ def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
     latest = ckpt.latest_step()
     finished = latest is not None and latest >= config.train.steps
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="restore") as pool:
-        restoring = pool.submit(_restore_or_init, config, ckpt, tx, shardings)
+        restoring = pool.submit(_restore_or_init, config, ckpt, tx, target)
         step_fn = None if finished else compile_step()
         state, position = restoring.result()
     if step_fn is None and int(state.step) < config.train.steps:
@@ -179,7 +186,7 @@ def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
 
 
 def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
-                     shardings: train_state.TrainState) -> tuple[Any, dict[str, Any]]:
+                     target: train_state.TrainState) -> tuple[Any, dict[str, Any]]:
     """The latest checkpoint if the run directory has one, else a fresh state."""
     step = ckpt.latest_step()
     if step is not None:
@@ -192,12 +199,12 @@ def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
                 "differing fields:\n  " + "\n  ".join(mismatch))
         for line in checkpoint.config_diff(saved, current):
             say(f"note: config differs from checkpoint: {line}")
-        target = train_state.with_shardings(train_state.abstract_state(config, tx), shardings)
         restored = ckpt.restore_latest(target, fallback=config.checkpoint.fallback)
         if restored is not None:
             say(f"resumed from checkpoint step {restored.step} in {ckpt.directory}")
             return restored.state, restored.data_position
-    init = jax.jit(functools.partial(train_state.init_state, config, tx), out_shardings=shardings)
+    init = jax.jit(functools.partial(train_state.init_state, config, tx),
+                   out_shardings=train_state.shardings_of(target))
     return init(), {"next_index": 0}
 
 

@@ -33,9 +33,25 @@ def abstract_state(cfg: Config, tx: optax.GradientTransformation) -> TrainState:
     return jax.eval_shape(lambda: init_state(cfg, tx))
 
 
+def state_target(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
+    """Shapes, dtypes and shardings of the state: all that compiling the step and restoring
+    a checkpoint need (tracing the model's init once serves both)."""
+    shapes = abstract_state(cfg, tx)
+    return with_shardings(shapes, _shardings(cfg, mesh, tx, shapes))
+
+
 def state_shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -> TrainState:
     """Parameters by the logical rules; Adam moments like their parameters; the rest replicated."""
-    shapes = abstract_state(cfg, tx)
+    return _shardings(cfg, mesh, tx, abstract_state(cfg, tx))
+
+
+def shardings_of(target: Any) -> Any:
+    """The shardings of a tree of sharded shapes (such as `state_target`'s)."""
+    return jax.tree.map(lambda shape: shape.sharding, target)
+
+
+def _shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
+               shapes: TrainState) -> TrainState:
     param_shardings = tree_shardings(mesh, model.logical_axes(cfg.model), shapes.params,
                                      cfg.mesh.rules)
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,119 @@
+"""What makes a restart fast: the saved executable of the step."""
+
+import functools
+import os
+import shutil
+
+import jax
+import numpy as np
+
+import configs
+from conftest import tiny_config
+from sharding import batch_sharding, make_mesh
+from train import compile_cache, executable_cache
+from train.compiled import compile_train_step
+from train.optimizer import make_optimizer
+from train.state import init_state, shardings_of, state_target
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _compile(config, saved, reports):
+    mesh = make_mesh(config.mesh)
+    tx = make_optimizer(config.optim, config.train.steps)
+    target = state_target(config, mesh, tx)
+    state = jax.jit(functools.partial(init_state, config, tx),
+                    out_shardings=shardings_of(target))()
+    step = compile_train_step(config, mesh, tx, target, saved, report=reports.append)
+    return step, state, mesh
+
+
+def _batch(config, mesh):
+    rows, length = config.train.batch_size, config.data.seq_len
+    tokens = np.random.default_rng(0).integers(0, 256, (rows, length + 1), dtype=np.int32)
+    host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "weights": np.ones((rows, length), np.float32),
+            "segment_ids": np.ones((rows, length), np.int32),
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length))}
+    return jax.device_put(host, batch_sharding(mesh, config.mesh.rules))
+
+
+# Each test compiles a model shape of its own: XLA's cache (on for this process once any
+# run enabled it) must not have it, or the step would not be saved (see the test below).
+def test_a_saved_step_computes_what_the_compiled_one_does(tmp_path):
+    config, reports = tiny_config("model.mlp_dim=40"), []
+    compiled, state, mesh = _compile(config, tmp_path, reports)
+    loaded, same_state, _ = _compile(config, tmp_path, reports)
+    assert compiled.source in ("compiled", "compilation cache")
+    assert loaded.source == "saved executable" and loaded.from_cache
+    assert loaded.memory == compiled.memory and reports == []
+    batch = _batch(config, mesh)
+    expected = compiled.fn(state, batch)
+    got = loaded.fn(same_state, batch)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(same_state))  # still donated
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+    assert float(got[1]["loss"]) > 0
+
+
+def test_the_key_changes_with_what_builds_the_step_and_only_that(monkeypatch):
+    base = configs.to_dict(tiny_config())
+    devices = jax.devices()
+    key = executable_cache.key(base, devices)
+    assert key == executable_cache.key(configs.to_dict(tiny_config()), devices)
+    for override in ("train.log_every=7", "train.stop_after=1", "checkpoint.every=9",
+                     "data.prefetch_batches=1", "run_dir=elsewhere"):
+        assert executable_cache.key(configs.to_dict(tiny_config(override)), devices) == key
+    for override in ("model.num_layers=3", "optim.learning_rate=0.01", "train.steps=7",
+                     "train.batch_size=16", "data.seq_len=64", "mesh.fsdp=2", "seed=1"):
+        changed = configs.to_dict(tiny_config(override))
+        assert executable_cache.key(changed, devices) != key, override
+    assert executable_cache.key(base, devices[:4]) != key
+    assert executable_cache.key(base, devices[::-1]) != key
+    monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"] + " --xla_cpu_enable_fast_math=true")
+    assert executable_cache.key(base, devices) != key
+
+
+def test_any_change_to_the_step_code_changes_the_source_digest(tmp_path):
+    for package in executable_cache.STEP_PACKAGES:
+        shutil.copytree(os.path.join(REPO, package), tmp_path / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    assert executable_cache.source_digest(root=tmp_path) == executable_cache.source_digest()
+    loss = tmp_path / "model" / "loss.py"
+    loss.write_text(loss.read_text() + "\n# a comment is a change too\n")
+    assert executable_cache.source_digest(root=tmp_path) != executable_cache.source_digest()
+
+
+def test_a_step_from_the_compilation_cache_is_not_saved(tmp_path, monkeypatch):
+    # On XLA:CPU such an executable serializes without its kernels and fails when run.
+    served = iter(range(100))
+    monkeypatch.setattr(compile_cache, "hits", lambda: next(served))  # every compile a hit
+    reports = []
+    step, _, _ = _compile(tiny_config("model.mlp_dim=48"), tmp_path, reports)
+    assert step.source == "compilation cache"
+    assert list(tmp_path.iterdir()) == [] and reports == []
+
+
+def test_a_damaged_saved_step_is_reported_and_compiled_again(tmp_path):
+    config, reports = tiny_config("model.mlp_dim=44"), []
+    _compile(config, tmp_path, reports)
+    (entry,) = tmp_path.glob("*.pkl")
+    entry.write_bytes(entry.read_bytes()[:1000])  # cut short, as by a full disk
+    again, _, _ = _compile(config, tmp_path, reports)
+    assert again.source != "saved executable"
+    assert len(reports) == 1 and str(entry) in reports[0] and "compiling it again" in reports[0]
+
+
+def test_only_the_most_recently_used_entries_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(executable_cache, "KEEP", 2)
+    compiled = jax.jit(lambda x: x + 1).lower(1.0).compile()
+    devices, reports = jax.devices()[:1], []  # where jit put it
+    executable_cache.save(tmp_path, "a", compiled, reports.append)
+    executable_cache.save(tmp_path, "b", compiled, reports.append)
+    os.utime(tmp_path / "a.pkl", (1, 1))
+    os.utime(tmp_path / "b.pkl", (2, 2))
+    assert executable_cache.load(tmp_path, "a", devices, reports.append) is not None  # used now
+    executable_cache.save(tmp_path, "c", compiled, reports.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pkl", "c.pkl"]
+    assert float(executable_cache.load(tmp_path, "c", devices, reports.append)(1.0)) == 2.0
+    assert executable_cache.load(tmp_path, "b", devices, reports.append) is None
+    assert reports == []
