@@ -1,16 +1,19 @@
-"""What makes a restart fast: the saved executable of the step."""
+"""What makes a restart fast: the saved executable of the step, and the paused collector."""
 
 import functools
+import gc
 import os
 import shutil
 
 import jax
 import numpy as np
+import pytest
 
 import configs
 from conftest import tiny_config
 from sharding import batch_sharding, make_mesh
-from train import compile_cache, executable_cache
+from train import compile_cache, executable_cache, run
+from train.collector import StartUp
 from train.compiled import compile_train_step
 from train.optimizer import make_optimizer
 from train.state import init_state, shardings_of, state_target
@@ -117,3 +120,29 @@ def test_only_the_most_recently_used_entries_are_kept(tmp_path, monkeypatch):
     assert float(executable_cache.load(tmp_path, "c", devices, reports.append)(1.0)) == 2.0
     assert executable_cache.load(tmp_path, "b", devices, reports.append) is None
     assert reports == []
+
+
+def test_start_up_pauses_the_collector_then_freezes_what_it_made():
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with StartUp() as startup:
+        assert not gc.isenabled()
+        startup.done()
+        assert gc.isenabled() and gc.get_freeze_count() > 0
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.disable()  # a caller who turned the collector off keeps it off
+    try:
+        with StartUp() as startup:
+            startup.done()
+            assert not gc.isenabled()
+        assert not gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
+
+
+def test_a_run_leaves_the_collector_as_it_found_it(tmp_path):
+    with pytest.raises(configs.ConfigError):
+        run(tiny_config("train.batch_size=12", f"run_dir={tmp_path}"))
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    result = run(tiny_config("train.steps=2", "train.eval_batches=0", f"run_dir={tmp_path}"))
+    assert result.final_step == 2
+    assert gc.isenabled() and gc.get_freeze_count() == 0

@@ -17,7 +17,7 @@ import configs
 import input as data_input
 import sharding
 from configs.schema import Config
-from train import compile_cache, flops, progress
+from train import collector, compile_cache, flops, progress
 from train import state as train_state
 from train.compiled import compile_train_step
 from train.feed import DeviceFeed
@@ -79,6 +79,12 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
 
     `devices` defaults to all devices; the mesh in `config.mesh` is laid over them.
     """
+    with collector.StartUp() as startup:
+        return _run(config, devices, startup)
+
+
+def _run(config: Config, devices: list[jax.Device] | None,
+         startup: collector.StartUp) -> RunResult:
     clock = Goodput()
     config = configs.validate(config)
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -116,6 +122,7 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
         batches = data_input.train_iterator(dataset, config.data, position["next_index"])
         clock.add("initialisation", time.perf_counter() - clock.started
                   - clock.seconds["compilation"])
+        startup.done()
         with Preemption() as preemption:
             state, losses, seconds, waited = _train(config, mesh, step_fn, state, batches,
                                                     ckpt, preemption)

@@ -1,0 +1,39 @@
+"""Python's cyclic garbage collector, kept off start-up and away from what start-up made.
+
+Start-up (imports, building the state, tracing the step) makes some 0.15-0.3 M
+long-lived objects and almost no garbage: a cold bench-20m start-up leaves 1.4 MB of
+cycles, yet the collections that find them cost 0.17 s of its imports alone, a twelfth
+of a warm restart. So the collector is paused while a run starts; when training
+begins, what start-up made is frozen (collections during the loop no longer scan it)
+and the collector resumes for the loop's own garbage. When the run ends, the frozen
+objects become collectable again: a notebook calling `run` many times keeps nothing.
+"""
+
+from __future__ import annotations
+
+import gc
+from types import TracebackType
+
+
+class StartUp:
+    """`with StartUp() as startup:` pauses the collector; `startup.done()` when training
+    begins; leaving the block restores the collector as it was."""
+
+    def __enter__(self) -> StartUp:
+        self.was_enabled = gc.isenabled()
+        gc.disable()
+        self.frozen = False
+        return self
+
+    def done(self) -> None:
+        gc.freeze()
+        self.frozen = True
+        if self.was_enabled:
+            gc.enable()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if self.frozen:
+            gc.unfreeze()
+        if self.was_enabled:
+            gc.enable()
