@@ -54,10 +54,6 @@ class CompiledStep:
     (tracing and lowering skipped too)."""
     memory: StepMemory | None
 
-    @property
-    def from_cache(self) -> bool:
-        return self.source != "compiled"
-
 
 def compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
                        target: train_state.TrainState, saved: pathlib.Path | None = None,
@@ -66,7 +62,9 @@ def compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
     refuses a step whose memory per device exceeds what the device has.
 
     With `saved` (a directory), the step is loaded from there when an executable for the
-    same config, code, libraries and devices was saved, and saved there when compiled.
+    same config, code, libraries and devices was saved, and saved there when this call
+    compiled it. `tx` must be `make_optimizer(config.optim, config.train.steps)`: the key
+    knows the optimizer only through the config.
     """
     started = time.perf_counter()
     devices = list(mesh.devices.flat)
