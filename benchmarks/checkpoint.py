@@ -43,7 +43,7 @@ from checkpoint import Checkpointer  # noqa: E402
 from sharding import make_mesh  # noqa: E402
 from train import run  # noqa: E402
 from train.optimizer import make_optimizer  # noqa: E402
-from train.state import abstract_state, init_state, state_shardings, with_shardings  # noqa: E402
+from train.state import init_state, shardings_of, state_target  # noqa: E402
 
 BIG_MODEL = ["model.vocab_size=32000", "model.embed_dim=640", "model.num_layers=10",
              "model.num_heads=10", "model.num_kv_heads=10", "model.head_dim=64",
@@ -63,7 +63,7 @@ def build(config, devices=None):
     all zeros for TensorStore to skip or compress away."""
     mesh = make_mesh(config.mesh, devices)
     tx = make_optimizer(config.optim, config.train.steps)
-    shardings = state_shardings(config, mesh, tx)
+    target = state_target(config, mesh, tx)
 
     def randomised():
         state = init_state(config, tx)
@@ -74,8 +74,7 @@ def build(config, devices=None):
                   for k, x in zip(keys, leaves, strict=True)]
         return jax.tree.unflatten(treedef, leaves)
 
-    state = jax.jit(randomised, out_shardings=shardings)()
-    target = with_shardings(abstract_state(config, tx), shardings)
+    state = jax.jit(randomised, out_shardings=shardings_of(target))()
     return jax.block_until_ready(state), target
 
 
