@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import gc
 import pathlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -227,6 +229,27 @@ def verify_step(directory: pathlib.Path, step: int, report: Callable[[str], None
         raise CheckpointError(str(e)) from e
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block, then as it was.
+
+    A restore makes many short-lived objects (Orbax's futures and tasks, a set per
+    shard) and keeps almost none, yet they trigger collections that scan what the
+    process holds, JAX's objects included: restoring the 1.1 GB state of
+    benchmarks/checkpoint.py ran 157 young, 14 middle and 1 full collection. Pausing
+    the collector took that restore from 1.11 s to 0.85 s (medians of 6 alternated
+    pairs); a paused restore left 122 unreachable objects. (`train.run` restores
+    inside its start-up, where the collector is paused already.)
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def verified_restore(directory: pathlib.Path, step: int, report: Callable[[str], None],
                      restore: Callable[[], Any], what: str = "checkpoint") -> Any:
     """`restore()` of step `step`, its files checked against their checksums meanwhile.
@@ -235,7 +258,8 @@ def verified_restore(directory: pathlib.Path, step: int, report: Callable[[str],
     cache: the check costs no second read from disk. A damaged file explains a
     failed restore best, so its error is the one raised.
     """
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify") as pool:
+    with collector_paused(), \
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify") as pool:
         verified = pool.submit(verify_step, directory, step, report)
         try:
             restored = restore()

@@ -66,3 +66,30 @@ def test_compute_settings_and_fields_added_later_do_not_block_a_restore():
     assert model_mismatch(legacy, current) == []
     scanned = configs.to_dict(tiny_config("model.scan_layers=true"))
     assert model_mismatch(saved, scanned) == ["model.scan_layers: checkpoint False, config True"]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_restore_pauses_the_collector_and_restores_it_even_when_it_fails(tmp_path, enabled):
+    import gc
+
+    from checkpoint.manager import verified_restore
+
+    seen = []
+
+    def restore(fail: bool):
+        seen.append(gc.isenabled())
+        if fail:
+            raise OSError("unreadable chunk")
+        return "state"
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        assert verified_restore(tmp_path, 3, print, lambda: restore(False)) == "state"
+        assert gc.isenabled() is enabled
+        with pytest.raises(CheckpointError, match="step 3.*unreadable chunk"):
+            verified_restore(tmp_path, 3, print, lambda: restore(True))
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert seen == [False, False]
