@@ -23,7 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from checkpoint import integrity
+from checkpoint import aftermath, integrity
 from configs.schema import CheckpointConfig
 
 SUBDIR = "checkpoints"  # a run's checkpoints live in <run_dir>/checkpoints
@@ -256,8 +256,10 @@ def verified_restore(directory: pathlib.Path, step: int, report: Callable[[str],
 
     Both read the same files, so whichever comes second finds them in the page
     cache: the check costs no second read from disk. A damaged file explains a
-    failed restore best, so its error is the one raised.
+    failed restore best, so its error is the one raised, once: the tracebacks a failed
+    restore would print later are dropped (`aftermath`).
     """
+    aftermath.quiet(directory)
     with collector_paused(), \
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify") as pool:
         verified = pool.submit(verify_step, directory, step, report)

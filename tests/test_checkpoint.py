@@ -93,3 +93,51 @@ def test_restore_pauses_the_collector_and_restores_it_even_when_it_fails(tmp_pat
     finally:
         (gc.enable if was else gc.disable)()
     assert seen == [False, False]
+
+
+def test_a_failed_restore_leaves_no_tracebacks_behind_but_other_errors_still_show(
+        tmp_path, monkeypatch):
+    import asyncio
+    import logging
+    import sys
+    import types
+
+    from checkpoint.manager import verified_restore
+
+    shown = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: shown.append(
+        unraisable.exc_value))
+    asyncio_log = logging.getLogger("asyncio")
+    monkeypatch.setattr(asyncio_log, "filters", [])
+    directory = tmp_path / "checkpoints"
+
+    def failing_read():
+        raise ValueError("DATA_LOSS: b-tree node")
+
+    for _ in range(2):  # the hook and the filter are installed once
+        with pytest.raises(CheckpointError, match="step 4"):
+            verified_restore(directory, 4, print, failing_read)
+    assert len(asyncio_log.filters) == 1
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    with pytest.raises(RuntimeError) as closed:  # what TensorStore's late reads run into
+        loop.call_soon_threadsafe(print)
+    other = RuntimeError("a real problem")
+    for error in (closed.value, other):
+        sys.unraisablehook(types.SimpleNamespace(  # the fields of Python's UnraisableHookArgs
+            exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__,
+            err_msg=None, object=None))
+    assert shown == [other]
+
+    def logged(message, error):
+        record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None,
+                                   (type(error), error, None))
+        return bool(asyncio_log.filter(record))
+
+    ours = ValueError(f"DATA_LOSS: Error reading {directory}/4/state/d/0a1b")
+    elsewhere = ValueError("DATA_LOSS: Error reading /data/other/file")
+    assert not logged("Future exception was never retrieved", ours)
+    assert not logged("Task exception was never retrieved", ours)
+    assert logged("Future exception was never retrieved", elsewhere)
+    assert logged("Unclosed event loop", ours)

@@ -1,0 +1,56 @@
+"""What a failed restore leaves behind, kept off the terminal.
+
+When a restore fails (say, on a damaged file), Orbax closes its event loop while
+TensorStore still finishes the reads it had issued. Each of them then fails to hand its
+result to the closed loop, which Python prints as "RuntimeError: Event loop is closed"
+with a traceback; those that failed as well are logged again by asyncio as "Future (or
+Task) exception was never retrieved". One damaged file gave some 50 such tracebacks, at any
+later moment, after the run had reported the step and file and fallen back. The
+failure is reported once, by the caller; its aftermath is dropped here. Every other
+error still reaches Python's hook and the asyncio log.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import sys
+import traceback
+from typing import Any
+
+_directories: set[str] = set()  # checkpoint directories restored from in this process
+_UNRETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+
+
+def quiet(directory: str | pathlib.Path) -> None:
+    """Drop the aftermath of failed restores from `directory` (call before restoring)."""
+    _directories.add(str(directory))
+    if not getattr(sys.unraisablehook, "drops_callbacks_to_closed_loops", False):
+        sys.unraisablehook = _dropping_callbacks_to_closed_loops(sys.unraisablehook)
+    asyncio_log = logging.getLogger("asyncio")
+    if _unretrieved_read_errors not in asyncio_log.filters:
+        asyncio_log.addFilter(_unretrieved_read_errors)
+
+
+def _dropping_callbacks_to_closed_loops(previous: Any) -> Any:
+    def hook(unraisable: Any) -> None:
+        if not is_callback_to_closed_loop(unraisable.exc_value):
+            previous(unraisable)
+
+    hook.drops_callbacks_to_closed_loops = True
+    return hook
+
+
+def is_callback_to_closed_loop(error: BaseException | None) -> bool:
+    """Whether `error` is a callback handed to an event loop after it closed."""
+    return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+            and any(frame.f_code.co_name == "call_soon_threadsafe"
+                    for frame, _ in traceback.walk_tb(error.__traceback__)))
+
+
+def _unretrieved_read_errors(record: logging.LogRecord) -> bool:
+    """False (drop) for asyncio's report of an unretrieved error reading our checkpoints."""
+    if not str(record.msg).startswith(_UNRETRIEVED):
+        return True
+    error = record.exc_info[1] if record.exc_info else None
+    return not any(directory in str(error) for directory in _directories)
