@@ -4,8 +4,8 @@ When a restore fails (say, on a damaged file), Orbax closes its event loop while
 TensorStore still finishes the reads it had issued. Each of them then fails to hand its
 result to the closed loop, which Python prints as "RuntimeError: Event loop is closed"
 with a traceback; those that failed as well are logged again by asyncio as "Future (or
-Task) exception was never retrieved". One damaged file gave some 50 such tracebacks, at any
-later moment, after the run had reported the step and file and fallen back. The
+Task) exception was never retrieved". One damaged file gave up to 690 lines of them, at
+any later moment, after the run had reported the step and file and fallen back. The
 failure is reported once, by the caller; its aftermath is dropped here. Every other
 error still reaches Python's hook and the asyncio log.
 """
@@ -34,14 +34,14 @@ def quiet(directory: str | pathlib.Path) -> None:
 
 def _dropping_callbacks_to_closed_loops(previous: Any) -> Any:
     def hook(unraisable: Any) -> None:
-        if not is_callback_to_closed_loop(unraisable.exc_value):
+        if not _is_callback_to_closed_loop(unraisable.exc_value):
             previous(unraisable)
 
     hook.drops_callbacks_to_closed_loops = True
     return hook
 
 
-def is_callback_to_closed_loop(error: BaseException | None) -> bool:
+def _is_callback_to_closed_loop(error: BaseException | None) -> bool:
     """Whether `error` is a callback handed to an event loop after it closed."""
     return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
             and any(frame.f_code.co_name == "call_soon_threadsafe"
