@@ -5,7 +5,8 @@
 State: parameters + Adam moments of a ~92M-parameter Llama-shape model
 (~1.1 GB), FSDP over 8 (fake CPU) devices. Figures are medians over repeats.
 1. loop blocking per async save vs plain Orbax async vs one host memory copy
-2. steps/s of bench-20m saving every 5 steps vs bare saves (the floor) vs no checkpoints
+2. steps/s of bench-20m saving every 5 steps vs bare saves (the floor) vs no checkpoints,
+   over whole save cycles after the first 15 steps (the steady state of a long run)
 3. save throughput until written vs plain Orbax sync save vs raw write+fsync
 4. restore throughput (same mesh, 8 -> 4 devices) vs plain Orbax vs TensorStore alone
    (the ceiling of this on-disk format) vs raw read
@@ -16,6 +17,8 @@ State: parameters + Adam moments of a ~92M-parameter Llama-shape model
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import pathlib
 import shutil
@@ -24,6 +27,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -41,7 +46,7 @@ import tensorstore as ts  # noqa: E402
 import configs  # noqa: E402
 from checkpoint import Checkpointer  # noqa: E402
 from sharding import make_mesh  # noqa: E402
-from train import run  # noqa: E402
+from train import metrics_log, run  # noqa: E402
 from train.collector import StartUp  # noqa: E402
 from train.optimizer import make_optimizer  # noqa: E402
 from train.state import init_state, shardings_of, state_target  # noqa: E402
@@ -55,8 +60,18 @@ def quiet(_: str) -> None:
     pass
 
 
-def median_of(fn, repeats: int) -> float:
-    return statistics.median(fn() for _ in range(repeats))
+def in_turns(contenders: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[Any]]:
+    """Each contender's results, measured one of each per round, so that a noisy disk's and
+    host cache's drift during the benchmark falls on all of them alike."""
+    results: dict[str, list[Any]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, measure in contenders.items():
+            results[name].append(measure())
+    return results
+
+
+def medians(results: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in results.items()}
 
 
 def build(config, devices=None):
@@ -246,23 +261,43 @@ class BareSaves:
         Checkpointer.save, Checkpointer.wait = self.saved
 
 
+SAVE_EVERY = 5
+WARM_UP_STEPS = 15
+"""Figure 2 leaves out the steps up to here: the first steps warm up, and the first saves
+grow the heap to hold a save's buffers next to the step's (page faults paid once a run)."""
+
+
 def training_cost(workdir: pathlib.Path, steps: int, repeats: int) -> dict[str, float]:
     """Median steps/s of bench-20m with async saves every 5 steps, with bare saves (the
-    floor) every 5 steps, and without checkpoints."""
+    floor) every 5 steps, and without checkpoints, in the steady state of a long run."""
     rates = {"ours": [], "bare": [], "none": []}
     for kind in list(rates) * repeats:
-        every = 0 if kind == "none" else 5
+        run_dir = fresh(workdir / f"train-{kind}")
+        every = 0 if kind == "none" else SAVE_EVERY
         config = configs.load("bench-20m", [
             f"train.steps={steps}", f"checkpoint.every={every}", "train.eval_batches=0",
-            "train.log_every=1000", "mesh.data=1", "mesh.fsdp=-1",
-            f"run_dir={fresh(workdir / f'train-{kind}')}", "train.compile_cache=false"])
-        if kind == "bare":
-            with BareSaves(workdir / "bare-saves"):
-                result = run(config)
-        else:
-            result = run(config)
-        rates[kind].append((steps - 1) / result.train_seconds)
+            f"train.log_every={SAVE_EVERY}", "mesh.data=1", "mesh.fsdp=-1",
+            f"run_dir={run_dir}", "train.compile_cache=false"])
+        with BareSaves(workdir / "bare-saves") if kind == "bare" else contextlib.nullcontext():
+            run(config)
+        rates[kind].append(steady_steps_per_s(run_dir))
     return {kind: statistics.median(r) for kind, r in rates.items()}
+
+
+def steady_steps_per_s(run_dir: pathlib.Path) -> float:
+    """Steps/s over whole save cycles after the warm-up, from the run's own metrics log.
+
+    A record every SAVE_EVERY steps covers SAVE_EVERY steps and exactly one save (its
+    blocking and the previous save's background write); the end-of-run save is left out.
+    """
+    lines = (run_dir / metrics_log.FILENAME).read_text().splitlines()
+    records = list(map(json.loads, lines))[:-1]  # the last is logged before the final save
+    step_ms = [record["step_ms"] for record in records
+               if record["step"] % SAVE_EVERY == 0 and record["step"] > WARM_UP_STEPS]
+    if not step_ms:
+        raise RuntimeError(f"no save cycle after step {WARM_UP_STEPS} in {run_dir}: "
+                           "use more --train-steps")
+    return 1e3 / statistics.mean(step_ms)
 
 
 def restart_seconds(run_dir: pathlib.Path, cache_dir: pathlib.Path) -> float:
@@ -321,15 +356,17 @@ def measure_save_and_restore(config, state, target, work: pathlib.Path, repeats:
           f"{jax.device_count()} devices (fsdp=8); medians of {repeats}; "
           f"page cache dropped before reads: {drop_page_cache()}")
 
-    copy = median_of(lambda: memory_copy_seconds(state), repeats)
-    ours = [ours_save(state, config, work / "ours") for _ in range(repeats)]
-    plain_async = [orbax_save(state, work / "orbax-async", True) for _ in range(repeats)]
-    plain_sync = [orbax_save(state, work / "orbax-sync", False) for _ in range(repeats)]
-    raw = median_of(lambda: raw_write(state, work / "raw"), repeats)
-    ours_blocked = statistics.median(b for b, _ in ours)
-    ours_total = statistics.median(t for _, t in ours)
-    orbax_blocked = statistics.median(b for b, _ in plain_async)
-    orbax_sync = statistics.median(t for _, t in plain_sync)
+    saves = in_turns({
+        "copy": lambda: memory_copy_seconds(state),
+        "ours": lambda: ours_save(state, config, work / "ours"),
+        "orbax async": lambda: orbax_save(state, work / "orbax-async", True),
+        "orbax sync": lambda: orbax_save(state, work / "orbax-sync", False),
+        "raw": lambda: raw_write(state, work / "raw")}, repeats)
+    copy, raw = statistics.median(saves["copy"]), statistics.median(saves["raw"])
+    ours_blocked = statistics.median(b for b, _ in saves["ours"])
+    ours_total = statistics.median(t for _, t in saves["ours"])
+    orbax_blocked = statistics.median(b for b, _ in saves["orbax async"])
+    orbax_sync = statistics.median(t for _, t in saves["orbax sync"])
     print("\n1. loop blocking per async save")
     print(f"   ours {ours_blocked:.3f} s | plain Orbax async {orbax_blocked:.3f} s | "
           f"one memory copy {copy:.3f} s | ours / copy = {ours_blocked / copy:.2f}x "
@@ -341,12 +378,17 @@ def measure_save_and_restore(config, state, target, work: pathlib.Path, repeats:
 
     small = configs.load(None, [*BIG_MODEL, "mesh.data=2", "mesh.tensor=2"])
     _, target4 = build(small, jax.devices()[:4])
-    read = median_of(lambda: raw_read(work / "raw"), repeats)
-    same = median_of(lambda: ours_restore(config, work / "ours", target), repeats)
-    other = median_of(lambda: ours_restore(config, work / "ours", target4), repeats)
-    plain = median_of(lambda: orbax_restore(work / "orbax-sync", target), repeats)
-    plain4 = median_of(lambda: orbax_restore(work / "orbax-sync", target4), repeats)
-    bare = median_of(lambda: tensorstore_restore(work / "ours", target), repeats)
+    # The raw file was written last: read it last in each round, after other reads have
+    # pushed it out of whatever cache below the page cache (the VM host's) still holds it.
+    reads = medians(in_turns({
+        "same": lambda: ours_restore(config, work / "ours", target),
+        "other": lambda: ours_restore(config, work / "ours", target4),
+        "plain": lambda: orbax_restore(work / "orbax-sync", target),
+        "plain4": lambda: orbax_restore(work / "orbax-sync", target4),
+        "tensorstore": lambda: tensorstore_restore(work / "ours", target),
+        "raw": lambda: raw_read(work / "raw")}, repeats))
+    read, same, other = reads["raw"], reads["same"], reads["other"]
+    plain, plain4, bare = reads["plain"], reads["plain4"], reads["tensorstore"]
     print("\n4. restore throughput")
     print(f"   same mesh: ours {gb / same:.2f} GB/s | plain Orbax {gb / plain:.2f} GB/s | "
           f"TensorStore alone {gb / bare:.2f} GB/s | raw read {gb / read:.2f} GB/s | "
@@ -359,7 +401,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default="/tmp/ckpt-bench")
-    parser.add_argument("--train-steps", type=int, default=21)
+    parser.add_argument("--train-steps", type=int, default=36)
     parser.add_argument("--only", default="12345", help="which figures to measure, e.g. 14")
     args = parser.parse_args()
     print(f"host memory kept between steps: {KEPT}")
@@ -369,7 +411,8 @@ def main() -> None:
         save_and_restore(config, work, args.repeats)
     if "2" in args.only:
         rate = training_cost(work, args.train_steps, args.repeats)
-        print("\n2. what checkpointing costs training (bench-20m, 8 devices fsdp, save every 5)")
+        print("\n2. what checkpointing costs training (bench-20m, 8 devices fsdp, save every 5, "
+              f"steps {WARM_UP_STEPS + 1}-{(args.train_steps - 1) // SAVE_EVERY * SAVE_EVERY})")
         print(f"   with async saves {rate['ours']:.3f} steps/s | with bare saves (host copy + "
               f"write + fsync, the floor) {rate['bare']:.3f} | without {rate['none']:.3f} | "
               f"ours / without = {rate['ours'] / rate['none']:.3f} (target >= 0.97), "
