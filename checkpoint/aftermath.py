@@ -4,8 +4,10 @@ When a restore fails (say, on a damaged file), Orbax closes its event loop while
 TensorStore still finishes the reads it had issued. Each of them then fails to hand its
 result to the closed loop, which Python prints as "RuntimeError: Event loop is closed"
 with a traceback; those that failed as well are logged again by asyncio as "Future (or
-Task) exception was never retrieved". One damaged file gave up to 690 lines of them, at
-any later moment, after the run had reported the step and file and fallen back. The
+Task) exception was never retrieved". Orbax's read coroutines that were never finished
+raise again when the collector closes them ("Exception ignored in: <coroutine ...>").
+One damaged file gave up to 690 lines of them, at any later moment, after the run had
+reported the step and file and fallen back. The
 failure is reported once, by the caller; its aftermath is dropped here. Every other
 error still reaches Python's hook and the asyncio log.
 """
@@ -25,19 +27,20 @@ _UNRETRIEVED = ("Future exception was never retrieved", "Task exception was neve
 def quiet(directory: str | pathlib.Path) -> None:
     """Drop the aftermath of failed restores from `directory` (call before restoring)."""
     _directories.add(str(directory))
-    if not getattr(sys.unraisablehook, "drops_callbacks_to_closed_loops", False):
-        sys.unraisablehook = _dropping_callbacks_to_closed_loops(sys.unraisablehook)
+    if not getattr(sys.unraisablehook, "drops_restore_aftermath", False):
+        sys.unraisablehook = _dropping_aftermath(sys.unraisablehook)
     asyncio_log = logging.getLogger("asyncio")
     if _unretrieved_read_errors not in asyncio_log.filters:
         asyncio_log.addFilter(_unretrieved_read_errors)
 
 
-def _dropping_callbacks_to_closed_loops(previous: Any) -> Any:
+def _dropping_aftermath(previous: Any) -> Any:
     def hook(unraisable: Any) -> None:
-        if not _is_callback_to_closed_loop(unraisable.exc_value):
+        error = unraisable.exc_value
+        if not (_is_callback_to_closed_loop(error) or _is_closed_read_of_ours(error)):
             previous(unraisable)
 
-    hook.drops_callbacks_to_closed_loops = True
+    hook.drops_restore_aftermath = True
     return hook
 
 
@@ -46,6 +49,12 @@ def _is_callback_to_closed_loop(error: BaseException | None) -> bool:
     return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
             and any(frame.f_code.co_name == "call_soon_threadsafe"
                     for frame, _ in traceback.walk_tb(error.__traceback__)))
+
+
+def _is_closed_read_of_ours(error: BaseException | None) -> bool:
+    """Whether `error` came from a read of our checkpoints closed before it finished."""
+    return (isinstance(error, Exception) and isinstance(error.__cause__, GeneratorExit)
+            and any(directory in str(error) for directory in _directories))
 
 
 def _unretrieved_read_errors(record: logging.LogRecord) -> bool:

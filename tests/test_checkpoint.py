@@ -123,12 +123,31 @@ def test_a_failed_restore_leaves_no_tracebacks_behind_but_other_errors_still_sho
     loop.close()
     with pytest.raises(RuntimeError) as closed:  # what TensorStore's late reads run into
         loop.call_soon_threadsafe(print)
+    @types.coroutine
+    def pending():
+        yield
+
+    async def read(path):  # raises as Orbax's reads do when closed unfinished
+        try:
+            await pending()
+        except GeneratorExit as e:
+            raise Exception(f"Encountered error while reading {path}") from e
+
+    def closed_unfinished(path):
+        coroutine = read(path)
+        coroutine.send(None)
+        with pytest.raises(Exception, match="Encountered") as raised:
+            coroutine.close()
+        return raised.value
+
     other = RuntimeError("a real problem")
-    for error in (closed.value, other):
+    read_elsewhere = closed_unfinished("/data/other/file")
+    for error in (closed.value, closed_unfinished(f"{directory}/4/state/d/0a1b"), other,
+                  read_elsewhere):
         sys.unraisablehook(types.SimpleNamespace(  # the fields of Python's UnraisableHookArgs
             exc_type=type(error), exc_value=error, exc_traceback=error.__traceback__,
             err_msg=None, object=None))
-    assert shown == [other]
+    assert shown == [other, read_elsewhere]
 
     def logged(message, error):
         record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None,
