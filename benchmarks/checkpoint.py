@@ -281,7 +281,7 @@ def training_cost(workdir: pathlib.Path, steps: int, repeats: int) -> dict[str, 
         with BareSaves(workdir / "bare-saves") if kind == "bare" else contextlib.nullcontext():
             run(config)
         rates[kind].append(steady_steps_per_s(run_dir))
-    return {kind: statistics.median(r) for kind, r in rates.items()}
+    return medians(rates)
 
 
 def steady_steps_per_s(run_dir: pathlib.Path) -> float:
