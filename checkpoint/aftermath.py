@@ -7,9 +7,9 @@ with a traceback; those that failed as well are logged again by asyncio as "Futu
 Task) exception was never retrieved". Orbax's read coroutines that were never finished
 raise again when the collector closes them ("Exception ignored in: <coroutine ...>").
 One damaged file gave up to 690 lines of them, at any later moment, after the run had
-reported the step and file and fallen back. The
-failure is reported once, by the caller; its aftermath is dropped here. Every other
-error still reaches Python's hook and the asyncio log.
+reported the step and file and fallen back. The failure is reported once, by the caller;
+its aftermath is dropped here. Every other error still reaches Python's hook and the
+asyncio log.
 """
 
 from __future__ import annotations
@@ -54,12 +54,15 @@ def _is_callback_to_closed_loop(error: BaseException | None) -> bool:
 def _is_closed_read_of_ours(error: BaseException | None) -> bool:
     """Whether `error` came from a read of our checkpoints closed before it finished."""
     return (isinstance(error, Exception) and isinstance(error.__cause__, GeneratorExit)
-            and any(directory in str(error) for directory in _directories))
+            and _names_our_directory(error))
 
 
 def _unretrieved_read_errors(record: logging.LogRecord) -> bool:
     """False (drop) for asyncio's report of an unretrieved error reading our checkpoints."""
     if not str(record.msg).startswith(_UNRETRIEVED):
         return True
-    error = record.exc_info[1] if record.exc_info else None
-    return not any(directory in str(error) for directory in _directories)
+    return not _names_our_directory(record.exc_info[1] if record.exc_info else None)
+
+
+def _names_our_directory(error: BaseException | None) -> bool:
+    return any(directory in str(error) for directory in _directories)

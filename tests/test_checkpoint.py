@@ -123,6 +123,7 @@ def test_a_failed_restore_leaves_no_tracebacks_behind_but_other_errors_still_sho
     loop.close()
     with pytest.raises(RuntimeError) as closed:  # what TensorStore's late reads run into
         loop.call_soon_threadsafe(print)
+
     @types.coroutine
     def pending():
         yield
