@@ -380,13 +380,14 @@ def measure_save_and_restore(config, state, target, work: pathlib.Path, repeats:
     _, target4 = build(small, jax.devices()[:4])
     # The raw file was written last: read it last in each round, after other reads have
     # pushed it out of whatever cache below the page cache (the VM host's) still holds it.
-    reads = medians(in_turns({
+    rounds = in_turns({
         "same": lambda: ours_restore(config, work / "ours", target),
         "other": lambda: ours_restore(config, work / "ours", target4),
         "plain": lambda: orbax_restore(work / "orbax-sync", target),
         "plain4": lambda: orbax_restore(work / "orbax-sync", target4),
         "tensorstore": lambda: tensorstore_restore(work / "ours", target),
-        "raw": lambda: raw_read(work / "raw")}, repeats))
+        "raw": lambda: raw_read(work / "raw")}, repeats)
+    reads = medians(rounds)
     read, same, other = reads["raw"], reads["same"], reads["other"]
     plain, plain4, bare = reads["plain"], reads["plain4"], reads["tensorstore"]
     print("\n4. restore throughput")
@@ -395,6 +396,11 @@ def measure_save_and_restore(config, state, target, work: pathlib.Path, repeats:
           f"ours / raw = {read / same:.2f} (target >= 0.7), ours / Orbax = {plain / same:.2f} "
           f"(target >= 0.9), TensorStore alone / raw = {read / bare:.2f}")
     print(f"   8 -> 4 devices: ours {gb / other:.2f} GB/s | plain Orbax {gb / plain4:.2f} GB/s")
+    # The page cache is dropped before each read, but a VM host may cache the disk below
+    # it: the rounds' spread shows when the raw reference was served from there.
+    print("   raw read per round: " + ", ".join(f"{gb / t:.2f}" for t in rounds["raw"])
+          + " GB/s; ours same mesh per round: "
+          + ", ".join(f"{gb / t:.2f}" for t in rounds["same"]) + " GB/s")
 
 
 def main() -> None:
