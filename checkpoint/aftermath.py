@@ -1,4 +1,4 @@
-"""What a failed restore leaves behind, kept off the terminal.
+"""What a failed restore or save leaves behind, kept off the terminal.
 
 When a restore fails (say, on a damaged file), Orbax closes its event loop while
 TensorStore still finishes the reads it had issued. Each of them then fails to hand its
@@ -7,31 +7,35 @@ with a traceback; those that failed as well are logged again by asyncio as "Futu
 Task) exception was never retrieved". Orbax's read coroutines that were never finished
 raise again when the collector closes them ("Exception ignored in: <coroutine ...>").
 One damaged file gave up to 690 lines of them, at any later moment, after the run had
-reported the step and file and fallen back. The failure is reported once, by the caller;
-its aftermath is dropped here. Every other error still reaches Python's hook and the
-asyncio log.
+reported the step and file and fallen back. A write that fails (a full disk) leaves the
+same behind, once per array, and Orbax logs the failure from four threads, each time with
+its traceback: 320 lines for one full disk. The failure is reported once, by the caller;
+its aftermath is dropped here, and Orbax's log lines about it keep their message but not
+their traceback. Every other error still reaches Python's hook and the logs as it was.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
+import re
 import sys
 import traceback
 from typing import Any
 
 _directories: set[str] = set()  # checkpoint directories restored from in this process
-_UNRETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+_UNRETRIEVED = re.compile(r"\w+ exception was never retrieved")  # Future, Task, _GatheringFuture
 
 
 def quiet(directory: str | pathlib.Path) -> None:
-    """Drop the aftermath of failed restores from `directory` (call before restoring)."""
+    """Drop the aftermath of failed restores from and saves to `directory` (call first)."""
     _directories.add(str(directory))
     if not getattr(sys.unraisablehook, "drops_restore_aftermath", False):
         sys.unraisablehook = _dropping_aftermath(sys.unraisablehook)
-    asyncio_log = logging.getLogger("asyncio")
-    if _unretrieved_read_errors not in asyncio_log.filters:
-        asyncio_log.addFilter(_unretrieved_read_errors)
+    for logger, dropping in ((logging.getLogger("asyncio"), _unretrieved_read_errors),
+                             (logging.getLogger("absl"), _traceback_of_ours_dropped)):
+        if dropping not in logger.filters:
+            logger.addFilter(dropping)
 
 
 def _dropping_aftermath(previous: Any) -> Any:
@@ -58,10 +62,17 @@ def _is_closed_read_of_ours(error: BaseException | None) -> bool:
 
 
 def _unretrieved_read_errors(record: logging.LogRecord) -> bool:
-    """False (drop) for asyncio's report of an unretrieved error reading our checkpoints."""
-    if not str(record.msg).startswith(_UNRETRIEVED):
+    """False (drop) for asyncio's report of an unretrieved error on our checkpoints."""
+    if not _UNRETRIEVED.match(str(record.msg)):
         return True
     return not _names_our_directory(record.exc_info[1] if record.exc_info else None)
+
+
+def _traceback_of_ours_dropped(record: logging.LogRecord) -> bool:
+    """Keep the record (Orbax's own account of a failure), without a traceback of ours."""
+    if _names_our_directory(record.exc_info[1] if record.exc_info else None):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def _names_our_directory(error: BaseException | None) -> bool:

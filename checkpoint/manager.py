@@ -12,7 +12,9 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import gc
+import os
 import pathlib
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -66,6 +68,7 @@ class Checkpointer:
         self._in_flight: collections.deque[_InFlight] = collections.deque()
         self._lock = threading.Lock()
         self._closed = False
+        self._last_started: int | None = None  # the step whose save began last
         self.blocked_seconds = 0.0
         """Total time callers were blocked by saves, for the goodput report."""
         self._watchers: list[threading.Thread] = []
@@ -85,6 +88,7 @@ class Checkpointer:
         }
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_handlers=handlers)
+        aftermath.quiet(self.directory)  # a failed write is reported once, by `_write_errors`
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -113,12 +117,16 @@ class Checkpointer:
         # Orbax finalises a step on the primary process only (it alone calls back), so
         # only there are checksums written: one writer per shared step directory.
         primary = jax.process_index() == 0
+        with self._write_errors(self._last_started):  # the previous save, still writing
+            self._manager.wait_until_finished()
         if primary:
             with self._lock:
                 self._in_flight.append(_InFlight(step, started))
-        self._manager.save(step, args=args, force=True)
-        if primary and not self.cfg.async_save:
-            self._on_written()
+        self._last_started = step
+        with self._write_errors(step):
+            self._manager.save(step, args=args, force=True)
+            if primary and not self.cfg.async_save:
+                self._on_written()
         blocked = time.perf_counter() - started
         self.blocked_seconds += blocked
         self.report(f"checkpoint step {step}: loop blocked {1e3 * blocked:.1f} ms")
@@ -187,14 +195,53 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until background writes have finished."""
-        self._manager.wait_until_finished()
+        with self._write_errors(self._last_started):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
-        self._closed = True  # a save that failed never commits: stop watching for it
-        for watcher in self._watchers:
-            watcher.join(timeout=1.0)
+        try:
+            with self._write_errors(self._last_started):
+                self._manager.close()
+        finally:
+            self._closed = True  # a save that failed never commits: stop watching for it
+            for watcher in self._watchers:
+                watcher.join(timeout=1.0)
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None) -> Iterator[None]:
+        """Orbax's report of a failed write of `step` (disk full, no permission, ...) as a
+        CheckpointError naming the step, the directory, the cause and what remains.
+
+        Orbax reports a failure once, at the next wait or save, and takes later saves:
+        one that finds room again commits with its own checksums.
+        """
+        try:
+            yield
+        except Exception as e:  # Orbax and TensorStore raise many types
+            with self._lock:  # the failed step is never finalised: no checksums for it
+                self._in_flight = collections.deque(
+                    f for f in self._in_flight if f.step != step)
+            raise CheckpointError(self._describe_failure(step, e)) from e
+
+    def _describe_failure(self, step: int | None, error: Exception) -> str:
+        try:
+            latest = self._manager.latest_step()
+        except Exception:  # the listing may fail for the same reason the write did
+            latest = None
+        remains = (f"the latest complete checkpoint is step {latest}" if latest is not None
+                   else "no checkpoint of this run is complete")
+        return (f"checkpoint step {step} could not be written to {self.directory}: "
+                f"{_cause(error)}\n{remains}; nothing written before it was touched")
+
+
+def _cause(error: Exception) -> str:
+    """The error's message on one line, led by the operating system's words when
+    TensorStore gives an errno (its own message ends with it, after two long paths)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    errno = re.search(r"os_error_code='?(\d+)", text)
+    if errno:
+        text = f"{os.strerror(int(errno.group(1)))} ({text[:400]})"
+    return text[:600]
 
 
 def _state_handler(compress: bool) -> ocp.PyTreeCheckpointHandler:

@@ -95,7 +95,7 @@ def test_restore_pauses_the_collector_and_restores_it_even_when_it_fails(tmp_pat
     assert seen == [False, False]
 
 
-def test_a_failed_restore_leaves_no_tracebacks_behind_but_other_errors_still_show(
+def test_a_failed_restore_or_save_leaves_no_tracebacks_behind_but_other_errors_show(
         tmp_path, monkeypatch):
     import asyncio
     import logging
@@ -109,6 +109,8 @@ def test_a_failed_restore_leaves_no_tracebacks_behind_but_other_errors_still_sho
         unraisable.exc_value))
     asyncio_log = logging.getLogger("asyncio")
     monkeypatch.setattr(asyncio_log, "filters", [])
+    absl_log = logging.getLogger("absl")
+    monkeypatch.setattr(absl_log, "filters", [])
     directory = tmp_path / "checkpoints"
 
     def failing_read():
@@ -117,7 +119,7 @@ def test_a_failed_restore_leaves_no_tracebacks_behind_but_other_errors_still_sho
     for _ in range(2):  # the hook and the filter are installed once
         with pytest.raises(CheckpointError, match="step 4"):
             verified_restore(directory, 4, print, failing_read)
-    assert len(asyncio_log.filters) == 1
+    assert len(asyncio_log.filters) == len(absl_log.filters) == 1
 
     loop = asyncio.new_event_loop()
     loop.close()
@@ -150,14 +152,18 @@ def test_a_failed_restore_leaves_no_tracebacks_behind_but_other_errors_still_sho
             err_msg=None, object=None))
     assert shown == [other, read_elsewhere]
 
-    def logged(message, error):
-        record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None,
+    def logged(message, error, logger=asyncio_log):
+        record = logging.LogRecord(logger.name, logging.ERROR, __file__, 1, message, None,
                                    (type(error), error, None))
-        return bool(asyncio_log.filter(record))
+        return record if logger.filter(record) else None
 
     ours = ValueError(f"DATA_LOSS: Error reading {directory}/4/state/d/0a1b")
     elsewhere = ValueError("DATA_LOSS: Error reading /data/other/file")
     assert not logged("Future exception was never retrieved", ours)
     assert not logged("Task exception was never retrieved", ours)
+    assert not logged("_GatheringFuture exception was never retrieved", ours)  # a failed write
     assert logged("Future exception was never retrieved", elsewhere)
     assert logged("Unclosed event loop", ours)
+    failed_here = logged("Save Finalize thread failed.", ours, absl_log)  # Orbax's own log
+    failed_elsewhere = logged("Save Finalize thread failed.", elsewhere, absl_log)
+    assert failed_here.exc_info is None and failed_elsewhere.exc_info[1] is elsewhere

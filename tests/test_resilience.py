@@ -1,8 +1,11 @@
 """Checkpoints under stress: preemption, kill -9, damaged files, cache restarts."""
 
+import contextlib
+import gc
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -247,3 +250,63 @@ def test_damaged_final_step_falls_back_and_finishes_training(tmp_path):
     _corrupt_largest_state_file(tmp_path / "checkpoints" / "4")
     resumed = run(tiny_config(*common, "checkpoint.fallback=true"))
     assert resumed.start_step == 2 and resumed.final_step == 4
+
+
+@contextlib.contextmanager
+def _files_limited_to(size):
+    """Writes past `size` bytes of a file fail with EFBIG, as writes to a full disk fail
+    (a process limit: no root or small filesystem needed)."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the signal kills us
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_failed_write_is_one_error_naming_step_directory_and_cause(tmp_path, monkeypatch):
+    unraisable = []  # what Python would print as "Exception ignored in: ..."
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_value))
+    config = tiny_config()
+    mesh = make_mesh(config.mesh)
+    tx = make_optimizer(config.optim, 10)
+    shardings = state_shardings(config, mesh, tx)
+    state = jax.jit(lambda: init_state(config, tx), out_shardings=shardings)()
+    saved_config = configs.to_dict(config)
+    ckpt = Checkpointer(tmp_path, config.checkpoint, report=lambda _: None)
+    ckpt.save(1, state, {"next_index": 1}, saved_config)
+    ckpt.wait()
+    with _files_limited_to(64 * 1024):  # the state's data files are larger
+        ckpt.save(2, state, {"next_index": 2}, saved_config)  # the write fails meanwhile
+        with pytest.raises(CheckpointError) as failed:
+            ckpt.wait()
+    message = str(failed.value)
+    assert f"checkpoint step 2 could not be written to {tmp_path}: File too large (" in message
+    assert "the latest complete checkpoint is step 1" in message
+    target = with_shardings(abstract_state(config, tx), shardings)
+    assert ckpt.restore_latest(target, fallback=False).step == 1
+
+    ckpt.save(3, state, {"next_index": 3}, saved_config)  # room again: saving goes on
+    ckpt.close()  # the failure was raised once, not again
+    del ckpt
+    gc.collect()  # TensorStore's late callbacks into Orbax's closed loop report when collected
+    assert not unraisable  # (test_checkpoint.py checks the same for asyncio's log)
+    assert (tmp_path / "3" / "checksums.json").is_file()  # its own, not step 2's
+    assert not list(tmp_path.glob("2*/checksums.json"))
+    reopened = Checkpointer(tmp_path, config.checkpoint, report=lambda _: None)
+    restored = reopened.restore_latest(target, fallback=False)
+    reopened.close()
+    assert restored.step == 3 and restored.data_position == {"next_index": 3}
+    for a, b in zip(jax.tree.leaves(restored.state), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_run_whose_save_fails_stops_with_that_error(tmp_path):
+    with _files_limited_to(64 * 1024), pytest.raises(CheckpointError) as failed:
+        run(tiny_config("train.steps=4", "checkpoint.every=2", "train.eval_batches=0",
+                        "train.compile_cache=false", f"run_dir={tmp_path}"))
+    assert "checkpoint step 2 could not be written" in str(failed.value)
+    assert "no checkpoint of this run is complete" in str(failed.value)
+    assert not [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
