@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -290,8 +291,8 @@ def test_a_failed_write_is_one_error_naming_step_directory_and_cause(tmp_path, m
 
     ckpt.save(3, state, {"next_index": 3}, saved_config)  # room again: saving goes on
     ckpt.close()  # the failure was raised once, not again
-    del ckpt
-    gc.collect()  # TensorStore's late callbacks into Orbax's closed loop report when collected
+    del ckpt, failed  # what holds the failed write's coroutines and callbacks
+    _collect_failed_writes()  # TensorStore's late callbacks into Orbax's closed loop report
     assert not unraisable  # (test_checkpoint.py checks the same for asyncio's log)
     assert (tmp_path / "3" / "checksums.json").is_file()  # its own, not step 2's
     assert not list(tmp_path.glob("2*/checksums.json"))
@@ -303,10 +304,36 @@ def test_a_failed_write_is_one_error_naming_step_directory_and_cause(tmp_path, m
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_run_whose_save_fails_stops_with_that_error(tmp_path):
-    with _files_limited_to(64 * 1024), pytest.raises(CheckpointError) as failed:
-        run(tiny_config("train.steps=4", "checkpoint.every=2", "train.eval_batches=0",
-                        "train.compile_cache=false", f"run_dir={tmp_path}"))
-    assert "checkpoint step 2 could not be written" in str(failed.value)
-    assert "no checkpoint of this run is complete" in str(failed.value)
+def test_a_run_whose_save_fails_exits_2_with_one_error_and_no_tracebacks(tmp_path):
+    # As _files_limited_to, for the whole run: its first save (step 2) cannot be written.
+    limited = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, "
+               "signal.SIG_IGN); resource.setrlimit(resource.RLIMIT_FSIZE, (65536, "
+               "resource.getrlimit(resource.RLIMIT_FSIZE)[1])); sys.argv[0] = 'train'; "
+               "runpy.run_module('train', run_name='__main__')")
+    result = subprocess.run(
+        [sys.executable, "-c", limited, *TINY_OVERRIDES, "train.steps=4", "checkpoint.every=2",
+         "train.eval_batches=0", "train.compile_cache=false", f"run_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"error: checkpoint step 2 could not be written to "
+                                f"{tmp_path / 'checkpoints'}: File too large (")
+    assert "no checkpoint of this run is complete" in result.stderr
+    assert "Traceback" not in result.stderr and "never retrieved" not in result.stderr
     assert not [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def _collect_failed_writes():
+    """Collect what a failed write left, here rather than at some later test's expense.
+
+    Orbax never awaits the writes that a failed one cut short, and Python warns when it
+    collects them; only here is that warning expected (after a save that succeeded it would
+    mean data never written), so it stays visible everywhere else. Some of them TensorStore
+    may still hold: those are collected, and warned about, when the process exits.
+    """
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        gc.collect()
+    assert {str(w.message) for w in warned} <= {
+        "coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited"}
