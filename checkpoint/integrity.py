@@ -63,7 +63,7 @@ def has_checksums(step_dir: pathlib.Path) -> bool:
 
 def verify(step_dir: pathlib.Path, step: int) -> None:
     """Raise DamagedCheckpointError naming the step and the first bad file."""
-    entries = sorted(json.loads((step_dir / MANIFEST).read_text()).items())
+    entries = _manifest_entries(step_dir, step)
     for name, expected in entries:
         path = step_dir / name
         if not path.is_file():
@@ -79,3 +79,18 @@ def verify(step_dir: pathlib.Path, step: int) -> None:
         if crc != expected["crc32"]:
             raise DamagedCheckpointError(
                 f"checkpoint step {step}: file {path} fails its CRC32 checksum (corrupted)")
+
+
+def _manifest_entries(step_dir: pathlib.Path, step: int) -> list[tuple[str, dict[str, int]]]:
+    """The manifest's (file, {size, crc32}) pairs; a manifest that is not one is damage too."""
+    path = step_dir / MANIFEST
+    try:
+        entries = json.loads(path.read_text())
+        if not (isinstance(entries, dict) and all(
+                isinstance(e, dict) and isinstance(e.get("size"), int)
+                and isinstance(e.get("crc32"), int) for e in entries.values())):
+            raise ValueError("not a map of file name to size and crc32")
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise DamagedCheckpointError(
+            f"checkpoint step {step}: its checksum file {path} is unreadable ({e})") from e
+    return sorted(entries.items())

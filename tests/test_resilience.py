@@ -130,6 +130,18 @@ def test_damaged_file_names_step_and_file_and_can_fall_back(tmp_path):
     assert resumed.start_step == 2 and resumed.final_step == 6
 
 
+@pytest.mark.parametrize("manifest", ['{"broken', '["a list"]', '{"state/x": {"size": "1"}}'])
+def test_a_damaged_checksum_file_is_named_and_can_fall_back(tmp_path, manifest):
+    common = ("checkpoint.every=2", "train.eval_batches=0", f"run_dir={tmp_path}")
+    run(tiny_config("train.steps=4", *common))
+    damaged = tmp_path / "checkpoints" / "4" / "checksums.json"
+    damaged.write_text(manifest)
+    with pytest.raises(CheckpointError, match=rf"step 4: its checksum file {damaged} is unre"):
+        run(tiny_config("train.steps=6", *common))
+    resumed = run(tiny_config("train.steps=6", *common, "checkpoint.fallback=true"))
+    assert resumed.start_step == 2 and resumed.final_step == 6
+
+
 def test_truncated_file_is_named(tmp_path):
     common = ("checkpoint.every=2", "train.eval_batches=0", f"run_dir={tmp_path}")
     run(tiny_config("train.steps=2", *common))
