@@ -61,9 +61,11 @@ def has_checksums(step_dir: pathlib.Path) -> bool:
     return (step_dir / MANIFEST).is_file()
 
 
-def verify(step_dir: pathlib.Path, step: int) -> None:
-    """Raise DamagedCheckpointError naming the step and the first bad file."""
-    entries = _manifest_entries(step_dir, step)
+def verify(step_dir: pathlib.Path, step: int, under: str = "") -> None:
+    """Raise DamagedCheckpointError naming the step and the first bad file (of those whose
+    path in the step starts with `under`, e.g. "config/": all by default)."""
+    entries = [(name, e) for name, e in _manifest_entries(step_dir, step)
+               if name.startswith(under)]
     for name, expected in entries:
         path = step_dir / name
         if not path.is_file():

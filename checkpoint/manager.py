@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -30,6 +30,7 @@ from configs.schema import CheckpointConfig
 
 SUBDIR = "checkpoints"  # a run's checkpoints live in <run_dir>/checkpoints
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step still being written
+T = TypeVar("T")
 
 
 def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
@@ -175,11 +176,22 @@ class Checkpointer:
                                     lambda: self._manager.restore(step, args=args))
         return Restored(step, restored.state, dict(restored.data), dict(restored.config))
 
-    def restore_latest(self, target: Any, fallback: bool) -> Restored | None:
-        """The newest step that restores; with `fallback`, skip damaged steps (newest first)."""
+    def restore_latest(self, target: Any, fallback: bool,
+                       newest: int | None = None) -> Restored | None:
+        """The newest step (up to `newest`) that restores; with `fallback`, damaged steps
+        are skipped, newest first."""
+        found = self.newest_readable(lambda step: self.restore(step, target), fallback, newest)
+        return found[1] if found else None
+
+    def newest_readable(self, read: Callable[[int], T], fallback: bool,
+                        newest: int | None = None) -> tuple[int, T] | None:
+        """`(step, read(step))` for the newest step (up to `newest`) that `read` does not
+        refuse with a CheckpointError; with `fallback`, older steps are tried in turn."""
         for step in reversed(self.all_steps()):
+            if newest is not None and step > newest:
+                continue
             try:
-                return self.restore(step, target)
+                return step, read(step)
             except CheckpointError as e:
                 if not fallback:
                     raise CheckpointError(
@@ -189,9 +201,19 @@ class Checkpointer:
         return None
 
     def read_config(self, step: int) -> dict[str, Any]:
-        """Only the resolved config saved with a step."""
+        """Only the resolved config saved with a step, its files checked first."""
+        step_dir = self.directory / str(step)
+        try:
+            if integrity.has_checksums(step_dir):
+                integrity.verify(step_dir, step, under="config/")
+        except integrity.DamagedCheckpointError as e:
+            raise CheckpointError(str(e)) from e
         args = ocp.args.Composite(config=ocp.args.JsonRestore())
-        return dict(self._manager.restore(step, args=args).config)
+        try:
+            return dict(self._manager.restore(step, args=args).config)
+        except Exception as e:  # a step without checksums: Orbax's or the JSON reader's error
+            raise CheckpointError(f"checkpoint step {step} in {self.directory}: its saved "
+                                  f"config could not be read ({str(e)[:300]})") from e
 
     def wait(self) -> None:
         """Block until background writes have finished."""

@@ -142,6 +142,22 @@ def test_a_damaged_checksum_file_is_named_and_can_fall_back(tmp_path, manifest):
     assert resumed.start_step == 2 and resumed.final_step == 6
 
 
+@pytest.mark.parametrize("checksummed", [True, False])
+def test_a_damaged_saved_config_is_named_and_can_fall_back(tmp_path, checksummed):
+    common = ("checkpoint.every=2", "train.eval_batches=0", f"run_dir={tmp_path}")
+    run(tiny_config("train.steps=4", *common))
+    step_dir = tmp_path / "checkpoints" / "4"
+    if not checksummed:  # as written before checksums existed
+        (step_dir / "checksums.json").unlink()
+    (step_dir / "config" / "metadata").write_text('{"model": ')
+    expected = (rf"step 4: file {step_dir / 'config' / 'metadata'} has" if checksummed else
+                rf"step 4 in {step_dir.parent}: its saved config could not be read")
+    with pytest.raises(CheckpointError, match=rf"(?s){expected}.*checkpoint\.fallback=true"):
+        run(tiny_config("train.steps=6", *common))
+    resumed = run(tiny_config("train.steps=6", *common, "checkpoint.fallback=true"))
+    assert resumed.start_step == 2 and resumed.final_step == 6
+
+
 def test_truncated_file_is_named(tmp_path):
     common = ("checkpoint.every=2", "train.eval_batches=0", f"run_dir={tmp_path}")
     run(tiny_config("train.steps=2", *common))

@@ -195,10 +195,10 @@ def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
 def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
                      target: train_state.TrainState) -> tuple[Any, dict[str, Any]]:
     """The latest checkpoint if the run directory has one, else a fresh state."""
-    step = ckpt.latest_step()
-    if step is not None:
+    found = ckpt.newest_readable(ckpt.read_config, fallback=config.checkpoint.fallback)
+    if found is not None:
+        step, saved = found
         current = configs.to_dict(config)
-        saved = ckpt.read_config(step)
         mismatch = checkpoint.model_mismatch(saved, current)
         if mismatch:
             raise checkpoint.CheckpointError(
@@ -206,7 +206,7 @@ def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
                 "differing fields:\n  " + "\n  ".join(mismatch))
         for line in checkpoint.config_diff(saved, current):
             say(f"note: config differs from checkpoint: {line}")
-        restored = ckpt.restore_latest(target, fallback=config.checkpoint.fallback)
+        restored = ckpt.restore_latest(target, config.checkpoint.fallback, newest=step)
         if restored is not None:
             say(f"resumed from checkpoint step {restored.step} in {ckpt.directory}")
             return restored.state, restored.data_position
