@@ -96,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     except configs.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    diff = config_diff(saved_config(directory, complete[-1]), configs.to_dict(current))
+    try:
+        saved = saved_config(directory, complete[-1])
+    except Exception as e:  # Orbax and its JSON reader raise many types
+        print(f"\nconfig of step {complete[-1]} could not be read: {str(e)[:300]}",
+              file=sys.stderr)
+        return 1
+    diff = config_diff(saved, configs.to_dict(current))
     print(f"\nconfig of step {complete[-1]} vs the current config:")
     print("\n".join(f"  {line}" for line in diff) if diff else "  identical")
     return 0

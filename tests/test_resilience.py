@@ -239,6 +239,13 @@ def test_inspect_lists_steps_completeness_and_config_diff(tmp_path, capsys):
     assert "model.num_layers: checkpoint 2, config 3" in out
     assert "checkpoint.every: checkpoint 2, config 3" in out
 
+    (tmp_path / "checkpoints" / "4" / "config" / "metadata").write_text('{"model": ')
+    code = inspect_main([str(tmp_path), *TINY_OVERRIDES, "train.steps=4"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "config of step 4 could not be read: Expecting value" in captured.err
+    assert "DAMAGED: checkpoint step 4: file" in captured.out  # its checksum names the file
+
 
 def test_sigusr1_saves_at_the_next_step(tmp_path):
     process = _start(tmp_path, "checkpoint.every=1000")
