@@ -21,9 +21,10 @@ import input as data_input  # noqa: E402
 import sharding  # noqa: E402
 from train import distributed  # noqa: E402
 from train.loop import run  # noqa: E402
+from train.run_lock import RunDirInUseError  # noqa: E402
 
 USER_ERRORS = (configs.ConfigError, data_input.DataError, sharding.MeshError,
-               checkpoint.CheckpointError)
+               checkpoint.CheckpointError, RunDirInUseError)
 
 gc.freeze()  # what the imports made is never scanned again
 gc.enable()

@@ -17,7 +17,7 @@ import configs
 import input as data_input
 import sharding
 from configs.schema import Config
-from train import collector, compile_cache, flops, progress
+from train import collector, compile_cache, flops, progress, run_lock
 from train import state as train_state
 from train.compiled import compile_train_step
 from train.feed import DeviceFeed
@@ -79,7 +79,8 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
 
     `devices` defaults to all devices; the mesh in `config.mesh` is laid over them.
     """
-    with collector.StartUp() as startup:
+    with collector.StartUp() as startup, \
+            run_lock.held(config.run_dir, jax.process_index(), report=say):
         return _run(config, devices, startup)
 
 
