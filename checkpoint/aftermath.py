@@ -23,16 +23,16 @@ import sys
 import traceback
 from typing import Any
 
-_directories: set[str] = set()  # checkpoint directories restored from in this process
+_directories: set[str] = set()  # checkpoint directories read or written in this process
 _UNRETRIEVED = re.compile(r"\w+ exception was never retrieved")  # Future, Task, _GatheringFuture
 
 
 def quiet(directory: str | pathlib.Path) -> None:
     """Drop the aftermath of failed restores from and saves to `directory` (call first)."""
     _directories.add(str(directory))
-    if not getattr(sys.unraisablehook, "drops_restore_aftermath", False):
+    if not getattr(sys.unraisablehook, "drops_checkpoint_aftermath", False):
         sys.unraisablehook = _dropping_aftermath(sys.unraisablehook)
-    for logger, dropping in ((logging.getLogger("asyncio"), _unretrieved_read_errors),
+    for logger, dropping in ((logging.getLogger("asyncio"), _unretrieved_errors_of_ours),
                              (logging.getLogger("absl"), _traceback_of_ours_dropped)):
         if dropping not in logger.filters:
             logger.addFilter(dropping)
@@ -44,7 +44,7 @@ def _dropping_aftermath(previous: Any) -> Any:
         if not (_is_callback_to_closed_loop(error) or _is_closed_read_of_ours(error)):
             previous(unraisable)
 
-    hook.drops_restore_aftermath = True
+    hook.drops_checkpoint_aftermath = True
     return hook
 
 
@@ -61,7 +61,7 @@ def _is_closed_read_of_ours(error: BaseException | None) -> bool:
             and _names_our_directory(error))
 
 
-def _unretrieved_read_errors(record: logging.LogRecord) -> bool:
+def _unretrieved_errors_of_ours(record: logging.LogRecord) -> bool:
     """False (drop) for asyncio's report of an unretrieved error on our checkpoints."""
     if not _UNRETRIEVED.match(str(record.msg)):
         return True

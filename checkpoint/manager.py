@@ -240,12 +240,14 @@ class Checkpointer:
         try:
             yield
         except Exception as e:  # Orbax and TensorStore raise many types
+            if step is None:  # no save was started: not a write that failed
+                raise
             with self._lock:  # the failed step is never finalised: no checksums for it
                 self._in_flight = collections.deque(
                     f for f in self._in_flight if f.step != step)
             raise CheckpointError(self._describe_failure(step, e)) from e
 
-    def _describe_failure(self, step: int | None, error: Exception) -> str:
+    def _describe_failure(self, step: int, error: Exception) -> str:
         try:
             latest = self._manager.latest_step()
         except Exception:  # the listing may fail for the same reason the write did
