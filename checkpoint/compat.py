@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from configs.schema import COMPUTE_ONLY_FIELDS, ModelConfig
+from configs.resolve import derive_model
+from configs.schema import COMPUTE_ONLY_FIELDS, INIT_FIELDS, ModelConfig
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -23,11 +24,15 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = ""
 def model_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Differences in the model section that make the saved parameters unusable.
 
-    A field the checkpoint lacks (written before the field existed) counts as its default.
+    A field the checkpoint lacks (written before the field existed) counts as its default,
+    and fields left to the family are compared as the family sets them.
     """
-    defaults = dataclasses.asdict(ModelConfig())
+    known = {field.name for field in dataclasses.fields(ModelConfig)}
+    ignored = (*COMPUTE_ONLY_FIELDS, *INIT_FIELDS)
 
     def parameter_fields(section: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in {**defaults, **section}.items() if k not in COMPUTE_ONLY_FIELDS}
+        derived = dataclasses.asdict(derive_model(ModelConfig(
+            **{k: v for k, v in section.items() if k in known})))
+        return {k: v for k, v in {**section, **derived}.items() if k not in ignored}
     return config_diff(parameter_fields(saved.get("model", {})),
                        parameter_fields(current.get("model", {})), "model.")

@@ -133,7 +133,7 @@ def to_hf(run_dir: str | pathlib.Path, hf_dir: str | pathlib.Path,
     directory = checkpoint_dir(run_dir)
     step = _complete_step(directory, step)
     config = configs.from_dict(saved_config(directory, step))
-    cfg = config.model
+    cfg = configs.derive_model(config.model)
     eos_id, tokenizer_file = _tokenizer_of(config.data)
     hf = hf_config(cfg, eos_id)  # refuses a shape HF cannot express before reading anything
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])

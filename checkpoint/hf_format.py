@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 import model
+from configs.resolve import derive_model
 from configs.schema import ModelConfig
 
 Params = dict[str, Any]
@@ -43,7 +44,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             family="gpt2", vocab_size=_required(hf, "vocab_size"), embed_dim=d,
             num_layers=_required(hf, "n_layer"), num_heads=heads, num_kv_heads=heads,
             head_dim=d // heads, mlp_dim=hf.get("n_inner") or 4 * d,
-            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), bias=True,
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
             max_positions=_required(hf, "n_positions"))
     _refuse_llama_options(hf)
@@ -54,38 +55,43 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or d // heads, mlp_dim=_required(hf, "intermediate_size"),
         rope_theta=_rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        bias=bool(hf.get("attention_bias", False)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_positions=hf.get("max_position_embeddings", ModelConfig.max_positions))
 
 
 def hf_config(cfg: ModelConfig, eos_id: int | None = None) -> dict[str, Any]:
     """The config.json of our model as a Hugging Face GPT2LMHeadModel or LlamaForCausalLM."""
+    cfg = derive_model(cfg)
     common = {"architectures": [ARCHITECTURES[cfg.family]], "model_type": cfg.family,
               "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings,
               "torch_dtype": "float32"}
     if eos_id is not None:  # HF's generate() stops there, as ours does
         common["eos_token_id"] = eos_id
     if cfg.family == "gpt2":
+        if not cfg.bias:
+            raise ConversionError("GPT-2 has biases in every projection; this run has "
+                                  "model.bias=false")
         if cfg.num_kv_heads != cfg.num_heads or cfg.num_heads * cfg.head_dim != cfg.embed_dim:
             raise ConversionError(
                 "GPT-2 needs model.num_kv_heads == model.num_heads and model.num_heads x "
                 f"model.head_dim == model.embed_dim; this run has {cfg.num_heads} heads, "
                 f"{cfg.num_kv_heads} kv heads of {cfg.head_dim} in {cfg.embed_dim}")
-        # Our model has no dropout; zero rates make HF fine-tuning compute the same function.
         return common | {
             "n_embd": cfg.embed_dim, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
             "n_inner": cfg.mlp_dim, "n_positions": cfg.max_positions,
             "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
             "reorder_and_upcast_attn": False, "add_cross_attention": False,
-            "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0}
+            "attn_pdrop": cfg.attention_dropout, "embd_pdrop": cfg.embed_dropout,
+            "resid_pdrop": cfg.residual_dropout}
     return common | {
         "hidden_size": cfg.embed_dim, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "intermediate_size": cfg.mlp_dim, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_positions, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_bias": False,
-        "mlp_bias": False}
+        "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_bias": cfg.bias,
+        "mlp_bias": cfg.bias, "attention_dropout": cfg.attention_dropout}
 
 
 def _family(hf: dict[str, Any]) -> str:
@@ -126,9 +132,10 @@ def _refuse_gpt2_options(hf: dict[str, Any]) -> None:
 def _refuse_llama_options(hf: dict[str, Any]) -> None:
     if hf.get("hidden_act", "silu") != "silu":
         raise _refuse("hidden_act", hf["hidden_act"], "our Llama MLP is SwiGLU: silu")
-    for field in ("attention_bias", "mlp_bias"):
-        if hf.get(field, False):
-            raise _refuse(field, True, "our Llama layers have no biases")
+    if bool(hf.get("attention_bias", False)) != bool(hf.get("mlp_bias", False)):
+        raise _refuse("mlp_bias", hf.get("mlp_bias", False),
+                      "model.bias puts biases in attention and MLP alike; attention_bias is "
+                      f"{hf.get('attention_bias', False)!r}")
     # transformers < 5 writes rope_scaling; 5 writes rope_parameters (with the theta in it).
     scaling = hf.get("rope_scaling")
     if scaling and scaling.get("rope_type", scaling.get("type")) != "default":
@@ -202,8 +209,19 @@ def _llama_rules(cfg: ModelConfig) -> list[Rule]:
             Rule(hf + "mlp.gate_proj.weight", (mlp + ("w_gate_DxF",),), transpose=True),
             Rule(hf + "mlp.up_proj.weight", (mlp + ("w_up_DxF",),), transpose=True),
             Rule(hf + "mlp.down_proj.weight", (mlp + ("w_down_FxD",),), transpose=True)]
+        if cfg.bias:
+            table += [Rule(f"{hf}{module}.bias", (ours + (name,),), inputs=0)
+                      for module, ours, name in _llama_biases(attn, mlp)]
     table += _norm_rules("model.norm", ("final_norm",), bias=False)
     return table + _unembed_rules(cfg)
+
+
+def _llama_biases(attn: Path, mlp: Path) -> list[tuple[str, Path, str]]:
+    """Llama's biases (attention_bias, mlp_bias): HF module, our module, our parameter."""
+    return [("self_attn.q_proj", attn, "bq_HxK"), ("self_attn.k_proj", attn, "bk_GxK"),
+            ("self_attn.v_proj", attn, "bv_GxK"), ("self_attn.o_proj", attn, "bo_D"),
+            ("mlp.gate_proj", mlp, "b_gate_F"), ("mlp.up_proj", mlp, "b_up_F"),
+            ("mlp.down_proj", mlp, "b_down_D")]
 
 
 def _norm_rules(hf: str, ours: Path, bias: bool) -> list[Rule]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import pathlib
@@ -15,15 +16,12 @@ import typing
 from typing import Any
 
 from configs import presets
-from configs.schema import MESH_AXES, Config, ModelConfig
+from configs.schema import MESH_AXES, Config, ModelConfig, Range
 
-# Fields whose value is one of a fixed set of names.
-CHOICES = {
-    "model.family": ("llama", "gpt2"),
-    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
-    "model.attention": ("auto", "xla", "cudnn", "splash"),
-    "model.remat": ("none", "full", "save_dots"),
-}
+# Text that sets an optional field back to None (its derived value).
+_NONE_WORDS = ("none", "null", "auto")
+_TRUE_WORDS = ("true", "1", "yes")
+_FALSE_WORDS = ("false", "0", "no")
 
 
 class ConfigError(ValueError):
@@ -42,7 +40,7 @@ def to_json(config: Config) -> str:
 def from_dict(data: dict[str, Any], cls: type = Config, prefix: str = "") -> Any:
     """Build a config dataclass from a (possibly partial) nested dict, checking every key."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     values = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
@@ -91,60 +89,36 @@ def load(name_or_path: str | None, overrides: list[str] = ()) -> Config:
 
 
 def validate(config: Config) -> Config:
-    """Check relations between fields that no single type can express."""
-    m, t, d = config.model, config.train, config.data
-    positive = {
-        "model.vocab_size": m.vocab_size, "model.embed_dim": m.embed_dim,
-        "model.num_layers": m.num_layers, "model.num_heads": m.num_heads,
-        "model.num_kv_heads": m.num_kv_heads, "model.head_dim": m.head_dim,
-        "model.mlp_dim": m.mlp_dim, "data.seq_len": d.seq_len,
-        "train.steps": t.steps, "train.batch_size": t.batch_size,
-        "train.log_every": t.log_every, "checkpoint.keep": config.checkpoint.keep,
-        "data.read_threads": d.read_threads, "data.prefetch_batches": d.prefetch_batches,
-        "data.device_prefetch": d.device_prefetch, "train.microbatches": t.microbatches,
-        "model.max_positions": m.max_positions,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    non_negative = {
-        "train.eval_batches": t.eval_batches, "train.stop_after": t.stop_after,
-        "checkpoint.every": config.checkpoint.every,
-        "checkpoint.keep_every": config.checkpoint.keep_every, "data.workers": d.workers,
-        "optim.warmup_steps": config.optim.warmup_steps, "optim.grad_clip": config.optim.grad_clip,
-        "optim.learning_rate": config.optim.learning_rate,
-        "model.loss_chunk_tokens": m.loss_chunk_tokens,
-        "profile.start_step": config.profile.start_step, "profile.steps": config.profile.steps,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
-    if not 0 <= config.seed < 2**32:
-        raise ConfigError(f"seed must be in [0, 2**32), got {config.seed}")
-    if m.num_heads % m.num_kv_heads:
-        raise ConfigError(
-            f"model.num_heads ({m.num_heads}) must be a multiple of "
-            f"model.num_kv_heads ({m.num_kv_heads})")
-    if m.family == "llama" and m.head_dim % 2:
-        raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {m.head_dim}")
-    if m.family == "gpt2" and m.max_positions < d.seq_len:
-        raise ConfigError(f"model.max_positions ({m.max_positions}) must be at least "
-                          f"data.seq_len ({d.seq_len}) for learned positions")
-    if t.batch_size % t.microbatches:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
-                          f"train.microbatches ({t.microbatches})")
-    if not 0.0 < d.eval_fraction < 1.0:
-        raise ConfigError(f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
-    if d.mixture and d.path:
-        raise ConfigError("data.path and data.mixture are both set; use one of them")
-    for key, value in {"model.family": m.family, "model.dtype": m.dtype,
-                       "model.attention": m.attention, "model.remat": m.remat}.items():
-        if value not in CHOICES[key]:
-            raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}; got {value!r}")
-    _validate_mesh(config)
-    _validate_distributed(config)
-    _validate_profile(config)
+    """Fill in the fields left None with the values they derive from (the model family's
+    defaults), then check every field against its schema type and the fields' relations."""
+    config = dataclasses.replace(config, model=derive_model(config.model))
+    for key, hint in field_hints().items():
+        value = functools.reduce(getattr, key.split("."), config)
+        if value is not None:  # None: an optional field with no derived value, e.g. min_lr
+            _check_value(key, value, hint)
+    for check in (_validate_model_shape, _validate_attention, _validate_data, _validate_train,
+                  _validate_optim, _validate_mesh, _validate_distributed, _validate_profile):
+        check(config)
     return config
+
+
+def field_hints() -> dict[str, Any]:
+    """Every leaf field's dotted key and its type hint, constraints (`Annotated`) included."""
+    return dict(_leaf_hints(Config))
+
+
+def choices(hint: Any) -> tuple[str, ...]:
+    """The values a `Literal[...]` field allows; () for any other field."""
+    hint = _strip_annotated(hint)
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
+
+
+def value_range(hint: Any) -> Range | None:
+    """The `Range` on a field's type (through `X | None`), or None if it has none."""
+    hint = _optional(hint) or hint
+    if typing.get_origin(hint) is typing.Annotated:
+        return next((m for m in hint.__metadata__ if isinstance(m, Range)), None)
+    return None
 
 
 def resolve_auto(model: ModelConfig, platform: str) -> ModelConfig:
@@ -155,8 +129,100 @@ def resolve_auto(model: ModelConfig, platform: str) -> ModelConfig:
         dtype = "float32" if platform == "cpu" else "bfloat16"
     attention = model.attention
     if attention == "auto":
-        attention = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
+        fused = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
+        # The fused kernels have no dropout of the attention probabilities.
+        attention = "xla" if model.attention_dropout else fused
     return dataclasses.replace(model, dtype=dtype, attention=attention)
+
+
+def derive_model(m: ModelConfig) -> ModelConfig:
+    """The model config with every None field set to its family's value."""
+    if m.head_dim is None and m.num_heads > 0 and m.embed_dim % m.num_heads:
+        raise ConfigError(f"model.head_dim is not set and model.embed_dim ({m.embed_dim}) is "
+                          f"not a multiple of model.num_heads ({m.num_heads}); set both so "
+                          "they fit")
+    gpt2 = m.family == "gpt2"
+    if m.mlp_dim is not None:
+        mlp_dim = m.mlp_dim
+    elif gpt2:
+        mlp_dim = 4 * m.embed_dim
+    else:
+        mlp_dim = 256 * math.ceil(8 * m.embed_dim / 3 / 256)
+    return dataclasses.replace(
+        m,
+        num_kv_heads=m.num_heads if m.num_kv_heads is None else m.num_kv_heads,
+        head_dim=m.embed_dim // max(m.num_heads, 1) if m.head_dim is None else m.head_dim,
+        mlp_dim=mlp_dim,
+        bias=gpt2 if m.bias is None else m.bias,
+        embed_init_std=_or(m.embed_init_std, m.init_std),
+        position_init_std=_or(m.position_init_std, m.init_std),
+        residual_init_std=_or(m.residual_init_std, m.init_std / math.sqrt(2 * m.num_layers)
+                              if gpt2 and m.num_layers > 0 else m.init_std),
+        unembed_init_std=_or(m.unembed_init_std, m.init_std))
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _check_value(key: str, value: Any, hint: Any) -> None:
+    """The checks a field's type carries: its Literal choices and its Range."""
+    allowed = choices(hint)
+    if allowed and value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+    bounds = value_range(hint)
+    if bounds is not None and value not in bounds:
+        raise ConfigError(f"{key} {bounds.error(value)}")
+
+
+def _validate_model_shape(config: Config) -> None:
+    m = config.model
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(
+            f"model.num_heads ({m.num_heads}) must be a multiple of "
+            f"model.num_kv_heads ({m.num_kv_heads})")
+    if m.family == "gpt2":
+        _validate_gpt2_shape(m, config.data.seq_len)
+    if m.family == "llama" and m.head_dim % 2:
+        raise ConfigError(f"model.head_dim must be even for rotary embeddings, got {m.head_dim}")
+
+
+def _validate_gpt2_shape(m: ModelConfig, seq_len: int) -> None:
+    if m.num_kv_heads != m.num_heads:
+        raise ConfigError(f"model.num_kv_heads ({m.num_kv_heads}) must equal model.num_heads "
+                          f"({m.num_heads}) for gpt2, which has no grouped-query attention")
+    if m.num_heads * m.head_dim != m.embed_dim:
+        raise ConfigError(f"model.num_heads x model.head_dim ({m.num_heads} x {m.head_dim}) "
+                          f"must equal model.embed_dim ({m.embed_dim}) for gpt2")
+    if m.max_positions < seq_len:
+        raise ConfigError(f"model.max_positions ({m.max_positions}) must be at least "
+                          f"data.seq_len ({seq_len}) for learned positions")
+
+
+def _validate_attention(config: Config) -> None:
+    m = config.model
+    if m.attention_dropout and m.attention in ("cudnn", "splash"):
+        raise ConfigError(f"model.attention_dropout needs model.attention=xla (or auto); the "
+                          f"{m.attention} kernel has no dropout")
+
+
+def _validate_data(config: Config) -> None:
+    if config.data.mixture and config.data.path:
+        raise ConfigError("data.path and data.mixture are both set; use one of them")
+
+
+def _validate_train(config: Config) -> None:
+    t = config.train
+    if t.batch_size % t.microbatches:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                          f"train.microbatches ({t.microbatches})")
+
+
+def _validate_optim(config: Config) -> None:
+    optim = config.optim
+    if optim.min_lr is not None and not 0 <= optim.min_lr <= optim.learning_rate:
+        raise ConfigError(f"optim.min_lr ({optim.min_lr}) must be in [0, optim.learning_rate "
+                          f"({optim.learning_rate})]")
 
 
 def _validate_distributed(config: Config) -> None:
@@ -201,36 +267,51 @@ def _validate_mesh(config: Config) -> None:
                 f"valid mesh axes are {list(MESH_AXES)}")
 
 
-def _all_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
+@functools.cache
+def _leaf_hints(cls: type, prefix: str = "") -> tuple[tuple[str, Any], ...]:
+    leaves: tuple[tuple[str, Any], ...] = ()
+    hints = typing.get_type_hints(cls, include_extras=True)
     for field in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[field.name]):
-            keys += _all_keys(hints[field.name], f"{prefix}{field.name}.")
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            leaves += _leaf_hints(hint, f"{prefix}{field.name}.")
         else:
-            keys.append(f"{prefix}{field.name}")
-    return keys
+            leaves += ((f"{prefix}{field.name}", hint),)
+    return leaves
 
 
 def _unknown_key_message(key: str) -> str:
-    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.0)
+    close = difflib.get_close_matches(key, list(field_hints()), n=1, cutoff=0.0)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"unknown config key {key!r}{hint}"
 
 
 def _field_type(key: str) -> Any:
     """The type hint of a dotted leaf key; raises naming the closest valid key."""
-    if key not in _all_keys():
+    hints = field_hints()
+    if key not in hints:
         raise ConfigError(_unknown_key_message(key))
-    cls: type = Config
-    *sections, leaf = key.split(".")
-    for section in sections:
-        cls = typing.get_type_hints(cls)[section]
-    return typing.get_type_hints(cls)[leaf]
+    return hints[key]
+
+
+def _optional(hint: Any) -> Any:
+    """X for a hint `X | None`, else None."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
+def _strip_annotated(hint: Any) -> Any:
+    """X for a hint `Annotated[X, ...]`, else the hint itself."""
+    return hint.__origin__ if typing.get_origin(hint) is typing.Annotated else hint
 
 
 def _parse_text(raw: str, hint: Any) -> Any:
     """Command-line text to a Python value; structured values are JSON."""
+    inner = _optional(hint)
+    if inner is not None:
+        return None if raw.strip().lower() in _NONE_WORDS else _parse_text(raw, inner)
     if hint is str:
         return raw
     if typing.get_origin(hint) is tuple:
@@ -243,37 +324,62 @@ def _parse_text(raw: str, hint: Any) -> Any:
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check (and from text, convert) a value to the field's type, naming the field on failure."""
-    expected = _type_name(hint)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                parsed = float(value)
-                if math.isfinite(parsed):
-                    return parsed
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif typing.get_origin(hint) is tuple:
+    inner = _optional(hint)
+    if inner is not None:
+        return None if value is None else _coerce_optional(key, value, hint, inner)
+    allowed = choices(hint)
+    if allowed:
+        _check_value(key, value, hint)
+        return value
+    hint = _strip_annotated(hint)
+    if typing.get_origin(hint) is tuple:
         pair = typing.get_args(typing.get_args(hint)[0])
         return _coerce_mixture(key, value) if pair[1] is float else _coerce_rules(key, value)
-    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+    try:
+        return _SCALARS[hint](value)
+    except (KeyError, ValueError):
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}") from None
+
+
+def _coerce_optional(key: str, value: Any, hint: Any, inner: Any) -> Any:
+    try:
+        return _coerce(key, value, inner)
+    except ConfigError:
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {value!r}") from None
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return value.lower() in _TRUE_WORDS
+    raise ValueError(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return int(value)
+    raise ValueError(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    # Text such as "inf" or "nan" parses, but is never a setting anyone means.
+    if isinstance(value, str) and math.isfinite(parsed := float(value)):
+        return parsed
+    raise ValueError(value)
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    raise ValueError(value)
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _coerce_mixture(key: str, value: Any) -> tuple[tuple[str, float], ...]:
@@ -311,6 +417,12 @@ def _coerce_rules(key: str, value: Any) -> tuple[tuple[str, tuple[str, ...]], ..
 
 
 def _type_name(hint: Any) -> str:
+    inner = _optional(hint)
+    if inner is not None:
+        return f"{_type_name(inner)} or none"
+    hint = _strip_annotated(hint)
+    if choices(hint):
+        return f"one of {', '.join(choices(hint))}"
     if isinstance(hint, type):
         return hint.__name__
     if isinstance(hint, types.GenericAlias) or typing.get_origin(hint):

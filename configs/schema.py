@@ -7,6 +7,61 @@ printed and saved with every checkpoint without anyone mutating it mid-run.
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated, Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Bounds on a numeric field, attached as `Annotated[int, Range(min=0)]`: `min` and `max`
+    are inclusive unless marked open; a None end is unbounded. `message` (with `{value}`)
+    replaces the usual "must be ..., got ..." where a bare range would not explain the field."""
+
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+    message: str = ""
+
+    def __contains__(self, value: float) -> bool:
+        above = self.min is None or (value > self.min if self.min_open else value >= self.min)
+        below = self.max is None or (value < self.max if self.max_open else value <= self.max)
+        return above and below
+
+    def describe(self) -> str:
+        """The range in words: "positive", ">= 0", "in [0, 1)", "in (0, 1]", "< 2**32"."""
+        if self.min is not None and self.max is not None:
+            return (f"in {'(' if self.min_open else '['}{_number(self.min)}, "
+                    f"{_number(self.max)}{')' if self.max_open else ']'}")
+        if self.min == 0 and self.min_open:
+            return "positive"
+        if self.min is not None:
+            return f"{'>' if self.min_open else '>='} {_number(self.min)}"
+        return f"{'<' if self.max_open else '<='} {_number(self.max)}"
+
+    def error(self, value: float) -> str:
+        """What is wrong with an out-of-range value, to follow the field's name."""
+        if self.message:
+            return self.message.format(value=value)
+        return f"must be {self.describe()}, got {value}"
+
+
+def _number(x: float) -> str:
+    """A bound as people write it: 1 rather than 1.0, 2**32 rather than 4294967296."""
+    if x == int(x):
+        x = int(x)
+        if x > 1024 and x & (x - 1) == 0:
+            return f"2**{x.bit_length() - 1}"
+    return str(x)
+
+
+# The constraints many fields share; one only a single field has is written on that field.
+Positive = Annotated[int, Range(min=0, min_open=True)]
+NonNegative = Annotated[int, Range(min=0)]
+PositiveFloat = Annotated[float, Range(min=0, min_open=True)]
+NonNegativeFloat = Annotated[float, Range(min=0)]
+# A dropout rate, Adam decay or held-out share: at 1 nothing would be left (or forgotten).
+Rate = Annotated[float, Range(0, 1, max_open=True)]
+Fraction = Annotated[float, Range(0, 1)]
 
 # Logical axis name -> mesh axes it is split over. The only place in the project
 # that connects the model's logical names to the physical mesh axes.
@@ -31,54 +86,81 @@ MESH_AXES = ("data", "fsdp", "tensor")
 class ModelConfig:
     """Shape of the decoder-only transformer, and how its step is computed."""
 
-    family: str = "llama"
+    family: Literal["llama", "gpt2"] = "llama"
     """`llama` (RMSNorm, rotary, SwiGLU, grouped-query attention) or `gpt2` (LayerNorm with
-    bias, learned positions, GELU MLP, biases)."""
-    vocab_size: int = 320
+    bias, learned positions, GELU MLP, biases). Fields left None take the family's value."""
+    vocab_size: Positive = 320
     """Rows of the embedding table; at least the tokenizer's vocabulary, padded for sharding."""
-    embed_dim: int = 128
+    embed_dim: Positive = 128
     """Width of the residual stream."""
-    num_layers: int = 4
+    num_layers: Positive = 4
     """Number of transformer blocks."""
-    num_heads: int = 4
+    num_heads: Positive = 4
     """Query heads per attention layer."""
-    num_kv_heads: int = 2
-    """Key/value heads (grouped-query attention); must divide num_heads."""
-    head_dim: int = 32
-    """Width of one attention head."""
-    mlp_dim: int = 384
-    """Hidden width of the SwiGLU MLP."""
-    rope_theta: float = 10000.0
+    num_kv_heads: Positive | None = None
+    """Key/value heads (grouped-query attention); must divide num_heads. None: num_heads."""
+    head_dim: Positive | None = None
+    """Width of one attention head. None: embed_dim / num_heads."""
+    mlp_dim: Positive | None = None
+    """Hidden width of the MLP. None: the family's, 4 x embed_dim for gpt2; for llama 8/3 x
+    embed_dim rounded up to a multiple of 256 (SwiGLU's three matrices cost what two 4 x D
+    ones do)."""
+    rope_theta: PositiveFloat = 10000.0
     """Base wavelength of the rotary position embedding."""
-    norm_eps: float = 1e-5
-    """Epsilon of RMSNorm."""
-    init_std: float = 0.02
-    """Standard deviation of the normal initialiser of weight matrices."""
+    norm_eps: NonNegativeFloat = 1e-5
+    """Epsilon of RMSNorm (llama) or LayerNorm (gpt2)."""
+    bias: bool | None = None
+    """Biases in the attention and MLP projections. None: the family's (gpt2 yes, llama
+    no). LayerNorm keeps its bias either way."""
+    init_std: NonNegativeFloat = 0.02
+    """Standard deviation of the normal initialiser of the projection matrices (Hugging
+    Face's `initializer_range`); biases start at zero and norm scales at one."""
+    embed_init_std: NonNegativeFloat | None = None
+    """Initial std of the token embedding table (with tied embeddings, also the output
+    layer's). None: init_std, as Hugging Face initialises both families."""
+    position_init_std: NonNegativeFloat | None = None
+    """Initial std of the learned position table (gpt2). None: init_std."""
+    residual_init_std: NonNegativeFloat | None = None
+    """Initial std of the projections that write into the residual stream (attention output,
+    MLP down). None: the family's, init_std / sqrt(2 x num_layers) for gpt2 (GPT-2's scaled
+    residual init), init_std for llama."""
+    unembed_init_std: NonNegativeFloat | None = None
+    """Initial std of the untied output layer. None: init_std."""
+    embed_dropout: Rate = 0.0
+    """Dropout rate on the embeddings (token plus position) entering the first block."""
+    attention_dropout: Rate = 0.0
+    """Dropout rate on the attention probabilities (needs the `xla` attention kernel)."""
+    residual_dropout: Rate = 0.0
+    """Dropout rate on each attention and MLP output before it joins the residual stream."""
     tie_embeddings: bool = False
     """Use the input embedding table as the output projection (GPT-2 does)."""
-    max_positions: int = 1024
+    max_positions: Positive = 1024
     """Rows of the learned position table (`gpt2` only); at least data.seq_len."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype of activations: `float32`, `bfloat16`, `float16`, or `auto` (bfloat16 on
     TPU/GPU, float32 on CPU). Parameters and optimizer state are always float32."""
-    attention: str = "auto"
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
     """Attention kernel: `xla` (plain einsums), `cudnn` (cuDNN flash attention, NVIDIA GPUs),
     `splash` (Pallas splash kernel, TPU; interpreted, slowly, elsewhere), or `auto` (the
     platform's fast kernel)."""
     scan_layers: bool = False
     """Run the blocks as one `lax.scan` over stacked weights: one compiled layer, fast compiles
     for deep models. Changes the parameter layout (a leading `layers` axis)."""
-    remat: str = "none"
+    remat: Literal["none", "full", "save_dots"] = "none"
     """Recompute activations in the backward pass, per block: `none`, `full`, or `save_dots`
     (keep matmul outputs, recompute the rest)."""
-    loss_chunk_tokens: int = 512
+    loss_chunk_tokens: NonNegative = 512
     """Compute the output projection and cross-entropy fused, about this many tokens at a
     time, so the batch x length x vocab logits are never held; 0 computes them whole."""
 
 
 # Model fields that change how the step computes, not the parameters it trains:
 # a checkpoint restores whatever their values.
-COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "loss_chunk_tokens")
+COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "loss_chunk_tokens", "embed_dropout",
+                       "attention_dropout", "residual_dropout")
+# Model fields read only when parameters are first drawn.
+INIT_FIELDS = ("init_std", "embed_init_std", "position_init_std", "residual_init_std",
+               "unembed_init_std")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,17 +179,22 @@ class DataConfig:
     """Check every prepared shard's CRC32 at start-up (sizes are always checked)."""
     jsonl_field: str = "text"
     """Field that holds the document text in .jsonl files."""
-    seq_len: int = 128
+    seq_len: Positive = 128
     """Tokens per training row (the model sees seq_len inputs and predicts seq_len targets)."""
-    eval_fraction: float = 0.05
-    """Fraction of documents held out for evaluation (every round(1/f)-th document)."""
-    read_threads: int = 2
+    eval_fraction: Rate = 0.05
+    """Fraction of `path`'s documents held out for evaluation (every round(1/f)-th document;
+    of a prepared dataset, the end of its token stream); 0 trains on all of them. Not used
+    with `eval_path`."""
+    eval_path: str = ""
+    """Held-out data of its own: a .txt / .jsonl file, a directory of them or a prepared
+    dataset. When set, `path` (or `mixture`) is trained on whole."""
+    read_threads: Positive = 2
     """Grain threads that build rows and batches ahead of the step."""
-    prefetch_batches: int = 4
+    prefetch_batches: Positive = 4
     """Batches Grain keeps ready ahead of the step."""
-    workers: int = 0
+    workers: NonNegative = 0
     """Grain worker processes building batches (0: threads of this process only)."""
-    device_prefetch: int = 2
+    device_prefetch: Positive = 2
     """Global batches kept ready on the devices ahead of the step."""
 
 
@@ -127,21 +214,40 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup, cosine decay and global-norm clipping."""
+    """AdamW with linear warmup, a decay schedule and global-norm clipping."""
 
-    learning_rate: float = 3e-3
-    """Peak learning rate reached at the end of warmup."""
-    warmup_steps: int = 30
-    """Steps of linear warmup from zero."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate of the cosine decay, as a fraction of the peak."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay applied to matrices (not to norm scales)."""
-    beta1: float = 0.9
+    learning_rate: NonNegativeFloat = 3e-3
+    """Peak learning rate, reached at the last warmup step."""
+    warmup_steps: NonNegative = 30
+    """Steps of linear warmup: step s (from 1) of the warmup runs at s / warmup_steps of the
+    peak, so the first step already learns."""
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """After warmup: `cosine` or `linear` decay to the minimum at `decay_steps`; `constant`
+    (the peak throughout); `wsd` (warmup-stable-decay: the peak, then a linear decay to the
+    minimum over the last `wsd_decay_fraction` of `decay_steps`)."""
+    decay_steps: Positive | None = None
+    """Step at which the decay reaches the minimum, counted from the start of the run (warmup
+    included); later steps stay at the minimum. None: train.steps."""
+    min_lr_ratio: Fraction = 0.1
+    """Minimum learning rate as a fraction of the peak (unless `min_lr` is set)."""
+    min_lr: float | None = None
+    """Minimum learning rate, absolute; replaces min_lr_ratio when set."""
+    wsd_decay_fraction: Annotated[float, Range(0, 1, min_open=True)] = 0.2
+    """`wsd` only: the share of decay_steps, at its end, spent decaying."""
+    weight_decay: NonNegativeFloat = 0.1
+    """Decoupled weight decay (AdamW: each step shrinks a weight by lr x this). Applies to the
+    projection matrices and the output layer, and to the embedding tables unless
+    `decay_embeddings` is false; never to biases or norm parameters."""
+    decay_embeddings: bool = True
+    """Apply weight decay to the token and position embedding tables (as Hugging Face's
+    Trainer and nanoGPT do); a tied table is the output layer too."""
+    beta1: Rate = 0.9
     """Adam first-moment decay."""
-    beta2: float = 0.95
+    beta2: Rate = 0.95
     """Adam second-moment decay."""
-    grad_clip: float = 1.0
+    eps: NonNegativeFloat = 1e-8
+    """Adam's epsilon, added to the root of the second moment."""
+    grad_clip: NonNegativeFloat = 1.0
     """Clip gradients to this global norm; 0 disables clipping."""
 
 
@@ -149,21 +255,22 @@ class OptimConfig:
 class TrainConfig:
     """Length and rhythm of the training loop."""
 
-    steps: int = 300
+    steps: Positive = 300
     """Total optimizer steps of the run (the schedule spans these)."""
-    batch_size: int = 16
+    batch_size: Positive = 16
     """Global batch size in rows; must divide evenly over the data and fsdp axes."""
-    log_every: int = 10
+    log_every: Positive = 10
     """Print a log line every this many steps."""
-    eval_batches: int = 8
-    """Held-out batches evaluated at the end of the run."""
-    stop_after: int = 0
+    eval_batches: Annotated[int, Range(
+        min=-1, message="must be >= 0, or -1 for all held-out rows; got {value}")] = 8
+    """Held-out batches evaluated at the end of the run; -1: all held-out rows."""
+    stop_after: NonNegative = 0
     """Stop this invocation after this many steps (0: run to `steps`); for time-sliced jobs."""
     compile_cache: bool = True
     """Keep compiled steps on disk so a restarted run skips compilation."""
     compile_cache_dir: str = ""
     """Where compiled steps are kept; empty means `<run_dir>/compile_cache`."""
-    microbatches: int = 1
+    microbatches: Positive = 1
     """Gradient accumulation: split each batch into this many micro-batches, run them one
     after another and apply one update with their token-weighted mean gradient."""
 
@@ -172,11 +279,11 @@ class TrainConfig:
 class CheckpointConfig:
     """Orbax checkpointing of train state, data position and config."""
 
-    every: int = 100
+    every: NonNegative = 100
     """Save every this many steps (0: only at the end)."""
-    keep: int = 3
+    keep: Positive = 3
     """Keep the last this many checkpoints."""
-    keep_every: int = 0
+    keep_every: NonNegative = 0
     """Also keep every checkpoint whose step is a multiple of this, permanently (0: none)."""
     compress: bool = False
     """zstd-compress saved arrays: fewer bytes, but CPU time that competes with the step."""
@@ -191,10 +298,10 @@ class ProfileConfig:
     """A JAX profiler trace of a window of steps, into `<run_dir>/profile/` (TensorBoard's
     profile plugin, or `perfetto_trace.json.gz` in ui.perfetto.dev)."""
 
-    start_step: int = 10
+    start_step: NonNegative = 10
     """First traced step, numbered as on the log line (the first step is 1). A run resumed past
     it traces only the rest of the window, and nothing once the window is behind it."""
-    steps: int = 0
+    steps: NonNegative = 0
     """Number of consecutive steps traced (0: no trace)."""
 
 
@@ -226,7 +333,7 @@ class Config:
     checkpoint: CheckpointConfig = CheckpointConfig()
     profile: ProfileConfig = ProfileConfig()
     distributed: DistributedConfig = DistributedConfig()
-    seed: int = 0
+    seed: Annotated[int, Range(0, 2**32, max_open=True)] = 0
     """Seeds parameter initialisation and the data shuffle."""
     run_dir: str = "runs/tiny"
     """Checkpoints and logs go here; a run started again in the same directory resumes."""

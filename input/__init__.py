@@ -10,8 +10,8 @@ from input.corpus import DataError, default_corpus, load_documents
 from input.prepared import open_prepared
 from input.tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
 
-_PIPELINE = ("PackedRows", "Source", "Splits", "data_sources", "eval_batches", "make_splits",
-             "token_stream", "train_dataset", "train_iterator")
+_PIPELINE = ("DataSources", "PackedRows", "Source", "Splits", "data_sources", "eval_batches",
+             "eval_path_rows", "make_splits", "token_stream", "train_dataset", "train_iterator")
 
 __all__ = ["ByteTokenizer", "DataError", "Tokenizer", "default_corpus", "get_tokenizer",
            "load_documents", "open_prepared", *_PIPELINE]

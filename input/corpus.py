@@ -21,23 +21,26 @@ def default_corpus() -> list[str]:
     return [topics[key] for key in sorted(topics)]
 
 
-def load_documents(path: str, jsonl_field: str = "text") -> list[str]:
-    """Documents from `path` (a file or a directory searched recursively); '' is the default."""
+def load_documents(path: str, jsonl_field: str = "text", key: str = "data.path") -> list[str]:
+    """Documents from `path` (a file or a directory searched recursively); '' is the default.
+
+    Errors name `path` as the config field `key`.
+    """
     if not path:
         return default_corpus()
     root = pathlib.Path(path)
     if not root.exists():
-        raise DataError(f"data.path {path!r} does not exist")
+        raise DataError(f"{key} {path!r} does not exist")
     files = [root] if root.is_file() else sorted(
         p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
     if not files:
-        raise DataError(f"data.path {path!r} holds no {' or '.join(SUFFIXES)} files")
+        raise DataError(f"{key} {path!r} holds no {' or '.join(SUFFIXES)} files")
     documents = []
     for file in files:
         documents += _read_file(file, jsonl_field)
     documents = [d for d in documents if d]
     if not documents:
-        raise DataError(f"data.path {path!r}: every document is empty")
+        raise DataError(f"{key} {path!r}: every document is empty")
     return documents
 
 

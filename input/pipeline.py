@@ -77,7 +77,8 @@ def document_layout(inputs_L: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.n
 @dataclasses.dataclass(frozen=True)
 class Splits:
     train: PackedRows
-    eval: PackedRows
+    eval: PackedRows | None
+    """None when nothing is held out (data.eval_fraction 0)."""
 
 
 def token_stream(documents: list[str], tokenizer: Tokenizer) -> np.ndarray:
@@ -91,52 +92,101 @@ def token_stream(documents: list[str], tokenizer: Tokenizer) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
+    """Named rows with their weight: their share of the training mixture, or of the mean
+    held-out loss."""
+
     name: str
-    splits: Splits
+    rows: PackedRows
     weight: float
 
 
-def data_sources(cfg: DataConfig, tokenizer: Tokenizer) -> list[Source]:
-    """`data.path` as one source, or each dataset of `data.mixture` with its weight."""
-    if not cfg.mixture:
-        return [Source(cfg.path or "default corpus", make_splits(cfg, tokenizer), 1.0)]
-    sources = []
-    for path, weight in cfg.mixture:
-        if not is_prepared(path):
-            raise DataError(f"data.mixture: {path!r} is not a prepared dataset (no manifest.json)")
-        part = dataclasses.replace(cfg, path=path, mixture=())
-        sources.append(Source(path, make_splits(part, tokenizer), weight))
-    return sources
+@dataclasses.dataclass(frozen=True)
+class DataSources:
+    """The rows a run trains on, and the rows it evaluates on."""
+
+    train: tuple[Source, ...]
+    heldout: tuple[Source, ...]
+    """Empty when nothing is held out: data.eval_fraction 0 and no data.eval_path."""
+
+
+def data_sources(cfg: DataConfig, tokenizer: Tokenizer) -> DataSources:
+    """What the run trains on and what it evaluates on.
+
+    Training: `data.path` as one source, or each dataset of `data.mixture` with its
+    weight. Held out: with `data.eval_path`, that data alone (the training datasets are
+    used whole); otherwise each training dataset's held-out split, with its weight.
+    """
+    if cfg.mixture:
+        datasets = [(path, path, weight) for path, weight in cfg.mixture]
+        for path, _, _ in datasets:
+            if not is_prepared(path):
+                raise DataError(
+                    f"data.mixture: {path!r} is not a prepared dataset (no manifest.json)")
+    else:
+        datasets = [(cfg.path or "default corpus", cfg.path, 1.0)]
+    heldout = [Source(cfg.eval_path, eval_path_rows(cfg, tokenizer), 1.0)] if cfg.eval_path else []
+    # eval_path replaces every dataset's own held-out split.
+    one = dataclasses.replace(cfg, mixture=(), eval_path="",
+                              eval_fraction=0.0 if cfg.eval_path else cfg.eval_fraction)
+    train = []
+    for name, path, weight in datasets:
+        splits = make_splits(dataclasses.replace(one, path=path), tokenizer)
+        train.append(Source(name, splits.train, weight))
+        if splits.eval is not None:
+            heldout.append(Source(name, splits.eval, weight))
+    return DataSources(tuple(train), tuple(heldout))
 
 
 def make_splits(cfg: DataConfig, tokenizer: Tokenizer) -> Splits:
-    """Train and held-out rows.
+    """Train and held-out rows of `data.path`.
 
-    Raw text: every round(1/eval_fraction)-th document is held out (with too few
-    documents, the last eval_fraction of the token stream). A prepared dataset:
-    the last eval_fraction of its token stream.
+    With `data.eval_path`, all of data.path trains and the held-out rows are eval_path's.
+    Otherwise raw text: every round(1/eval_fraction)-th document is held out (with too few
+    documents, the last eval_fraction of the token stream); a prepared dataset: the last
+    eval_fraction of its token stream. eval_fraction 0 holds out nothing.
     """
+    def rows(stream) -> PackedRows:
+        return PackedRows(stream, cfg.seq_len, tokenizer.pad_id, tokenizer.eos_id)
+
+    if cfg.eval_path:
+        heldout = eval_path_rows(cfg, tokenizer)
+        whole = dataclasses.replace(cfg, eval_path="", eval_fraction=0.0)
+        return Splits(make_splits(whole, tokenizer).train, heldout)
     if is_prepared(cfg.path):
         stream = open_prepared(cfg.path, tokenizer, cfg.verify_checksums)
+        if not cfg.eval_fraction:
+            return Splits(rows(stream), None)
         cut = len(stream) - max(cfg.seq_len + 1, int(len(stream) * cfg.eval_fraction))
         if cut < 2:
             raise DataError(f"{cfg.path}: {len(stream)} tokens are too few for a train split "
                             f"and a held-out split of seq_len {cfg.seq_len}")
-        train, heldout = StreamWindow(stream, 0, cut), StreamWindow(stream, cut, len(stream))
-        return Splits(PackedRows(train, cfg.seq_len, tokenizer.pad_id, tokenizer.eos_id),
-                      PackedRows(heldout, cfg.seq_len, tokenizer.pad_id, tokenizer.eos_id))
+        return Splits(rows(StreamWindow(stream, 0, cut)),
+                      rows(StreamWindow(stream, cut, len(stream))))
     documents = load_documents(cfg.path, cfg.jsonl_field)
+    if not cfg.eval_fraction:
+        return Splits(rows(token_stream(documents, tokenizer)), None)
     every = max(2, round(1 / cfg.eval_fraction))
     held_out = documents[::every]
     kept = [d for i, d in enumerate(documents) if i % every]
     if held_out and kept:
-        train, heldout = token_stream(kept, tokenizer), token_stream(held_out, tokenizer)
+        return Splits(rows(token_stream(kept, tokenizer)), rows(token_stream(held_out, tokenizer)))
+    stream = token_stream(documents, tokenizer)
+    cut = len(stream) - max(2, int(len(stream) * cfg.eval_fraction))
+    return Splits(rows(stream[:cut]), rows(stream[cut:]))
+
+
+def eval_path_rows(cfg: DataConfig, tokenizer: Tokenizer) -> PackedRows:
+    """All of `data.eval_path` as rows, checked like training data; errors name the field."""
+    path = cfg.eval_path
+    if is_prepared(path):
+        try:
+            stream = open_prepared(path, tokenizer, cfg.verify_checksums)
+        except DataError as e:
+            raise DataError(f"data.eval_path {path!r}: {e}") from e
     else:
-        stream = token_stream(documents, tokenizer)
-        cut = len(stream) - max(2, int(len(stream) * cfg.eval_fraction))
-        train, heldout = stream[:cut], stream[cut:]
-    return Splits(PackedRows(train, cfg.seq_len, tokenizer.pad_id, tokenizer.eos_id),
-                  PackedRows(heldout, cfg.seq_len, tokenizer.pad_id, tokenizer.eos_id))
+        stream = token_stream(load_documents(path, cfg.jsonl_field, key="data.eval_path"),
+                              tokenizer)
+    return PackedRows(stream, cfg.seq_len, tokenizer.pad_id, tokenizer.eos_id)
 
 
 def train_dataset(rows: PackedRows | Sequence[tuple[PackedRows, float]], *, seed: int,
@@ -185,8 +235,10 @@ def train_iterator(ds: grain.MapDataset, cfg: DataConfig,
 
 
 def eval_batches(rows: PackedRows, batch_size: int, max_batches: int) -> Iterator[Batch]:
-    """Held-out rows in order; a short last batch is filled with zero-weight rows."""
-    for first in range(0, min(len(rows), batch_size * max_batches), batch_size):
+    """Held-out rows in order, up to max_batches batches of them (-1: all rows); a short
+    last batch is filled with zero-weight rows."""
+    count = len(rows) if max_batches < 0 else min(len(rows), batch_size * max_batches)
+    for first in range(0, count, batch_size):
         picked = [rows[i] for i in range(first, min(first + batch_size, len(rows)))]
         filler = {k: np.zeros_like(v) for k, v in picked[0].items()}
         picked += [filler] * (batch_size - len(picked))

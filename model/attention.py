@@ -22,10 +22,16 @@ from sharding import active_mesh, constrain, logical_to_spec
 
 
 def attend(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
-           segment_ids_BxL: jax.Array | None, impl: str) -> jax.Array:
-    """Attention output, B x L x H x K, by the kernel `impl` (`xla`, `cudnn` or `splash`)."""
+           segment_ids_BxL: jax.Array | None, impl: str,
+           dropout: tuple[float, jax.Array] | None = None) -> jax.Array:
+    """Attention output, B x L x H x K, by the kernel `impl` (`xla`, `cudnn` or `splash`).
+
+    `dropout` (rate, key) drops attention probabilities; only the `xla` kernel has it.
+    """
     if impl == "xla":
-        return _xla(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+        return _xla(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, dropout)
+    if dropout is not None:
+        raise ValueError(f"attention dropout needs the xla kernel, not {impl!r}")
     if impl == "cudnn":
         return dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, "cudnn")
     if impl == "splash":
@@ -43,7 +49,7 @@ def attention_mask(shape_BxL: tuple[int, int], segment_ids_BxL: jax.Array | None
     return causal_1xLxL & same_doc_BxLxL
 
 
-def _xla(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
+def _xla(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, dropout=None):
     """Heads-first batched matmuls; query heads sharing a kv head are stacked along the
     query axis (N = R x L), so every matmul is a plain (B, G)-batched 2-D product."""
     batch, length, heads, head_dim = q_BxLxHxK.shape
@@ -55,44 +61,59 @@ def _xla(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
     v_BxGxLxK = v_BxLxGxK.transpose(0, 2, 1, 3)
     mask_BxLxL = attention_mask((batch, length), segment_ids_BxL)
     mask_Bx1xNxL = jnp.tile(mask_BxLxL, (1, per_group, 1))[:, None]
-    out_BxGxNxK = _softmax_attention(q_BxGxNxK, k_BxGxLxK, v_BxGxLxK, mask_Bx1xNxL)
+    keep_BxGxNxL = None
+    if dropout is not None:
+        rate, key = dropout
+        keep = jax.random.bernoulli(key, 1.0 - rate, (batch, groups, per_group * length, length))
+        keep_BxGxNxL = keep.astype(jnp.float32) / (1.0 - rate)
+    out_BxGxNxK = _softmax_attention(q_BxGxNxK, k_BxGxLxK, v_BxGxLxK, mask_Bx1xNxL,
+                                     keep_BxGxNxL)
     return (out_BxGxNxK.reshape(batch, groups, per_group, length, head_dim)
             .transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim))
 
 
 @jax.custom_vjp
-def _softmax_attention(q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, mask_Bx1xNxM):
-    """softmax(q k^T / sqrt(K), masked) v, with a hand-written backward pass: XLA:CPU
-    runs these explicit matmuls about 3x faster than the autodiff of the same forward."""
-    return _softmax_attention_forward(q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, mask_Bx1xNxM)[0]
+def _softmax_attention(q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, mask_Bx1xNxM, keep_BxGxNxM=None):
+    """(softmax(q k^T / sqrt(K), masked) * keep) v, with a hand-written backward pass:
+    XLA:CPU runs these explicit matmuls about 3x faster than the autodiff of the same
+    forward. `keep` is dropout's 0 or 1 / (1 - rate) per probability; None keeps all."""
+    return _softmax_attention_forward(q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, mask_Bx1xNxM,
+                                      keep_BxGxNxM)[0]
 
 
-def _softmax_attention_forward(q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, mask_Bx1xNxM):
+def _softmax_attention_forward(q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, mask_Bx1xNxM,
+                               keep_BxGxNxM=None):
     scale = q_BxGxNxK.shape[-1] ** -0.5
     scores_BxGxNxM = jnp.einsum("bgnk,bgmk->bgnm", q_BxGxNxK, k_BxGxMxK,
                                 preferred_element_type=jnp.float32) * scale
     scores_BxGxNxM = jnp.where(mask_Bx1xNxM, scores_BxGxNxM, jnp.finfo(jnp.float32).min)
     probs_BxGxNxM = jax.nn.softmax(scores_BxGxNxM, axis=-1)
-    out_BxGxNxK = jnp.einsum("bgnm,bgmk->bgnk", probs_BxGxNxM.astype(v_BxGxMxK.dtype), v_BxGxMxK)
-    return out_BxGxNxK, (q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, probs_BxGxNxM, out_BxGxNxK)
+    kept_BxGxNxM = probs_BxGxNxM if keep_BxGxNxM is None else probs_BxGxNxM * keep_BxGxNxM
+    out_BxGxNxK = jnp.einsum("bgnm,bgmk->bgnk", kept_BxGxNxM.astype(v_BxGxMxK.dtype), v_BxGxMxK)
+    return out_BxGxNxK, (q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, probs_BxGxNxM, out_BxGxNxK,
+                         keep_BxGxNxM)
 
 
 def _softmax_attention_backward(residuals, d_out_BxGxNxK):
-    """With P = softmax(S): dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)),
-    dQ = dS K / sqrt(K), dK = dS^T Q / sqrt(K)."""
-    q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, probs_BxGxNxM, out_BxGxNxK = residuals
+    """With P = softmax(S) and D the dropout keep factors: dV = (P D)^T dO,
+    dP = (dO V^T) D, dS = P (dP - rowsum(dO * O)), dQ = dS K / sqrt(K), dK = dS^T Q / sqrt(K)
+    (rowsum(P dP) = rowsum(dO * O), dropout or not)."""
+    q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, probs_BxGxNxM, out_BxGxNxK, keep_BxGxNxM = residuals
     dt = q_BxGxNxK.dtype
-    d_v_BxGxMxK = jnp.einsum("bgmn,bgnk->bgmk", transposed_copy(probs_BxGxNxM.astype(dt)),
+    kept_BxGxNxM = probs_BxGxNxM if keep_BxGxNxM is None else probs_BxGxNxM * keep_BxGxNxM
+    d_v_BxGxMxK = jnp.einsum("bgmn,bgnk->bgmk", transposed_copy(kept_BxGxNxM.astype(dt)),
                              d_out_BxGxNxK)
     d_probs_BxGxNxM = jnp.einsum("bgnk,bgmk->bgnm", d_out_BxGxNxK, v_BxGxMxK,
                                  preferred_element_type=jnp.float32)
+    if keep_BxGxNxM is not None:
+        d_probs_BxGxNxM = d_probs_BxGxNxM * keep_BxGxNxM
     row_BxGxNx1 = jnp.sum(d_out_BxGxNxK.astype(jnp.float32) * out_BxGxNxK.astype(jnp.float32),
                           axis=-1, keepdims=True)
     scale = q_BxGxNxK.shape[-1] ** -0.5
     d_scores_BxGxNxM = (probs_BxGxNxM * (d_probs_BxGxNxM - row_BxGxNx1) * scale).astype(dt)
     d_q_BxGxNxK = jnp.einsum("bgnm,bgmk->bgnk", d_scores_BxGxNxM, k_BxGxMxK)
     d_k_BxGxMxK = jnp.einsum("bgmn,bgnk->bgmk", transposed_copy(d_scores_BxGxNxM), q_BxGxNxK)
-    return d_q_BxGxNxK, d_k_BxGxMxK, d_v_BxGxMxK, None
+    return d_q_BxGxNxK, d_k_BxGxMxK, d_v_BxGxMxK, None, None
 
 
 def transposed_copy(x: jax.Array) -> jax.Array:

@@ -1,8 +1,8 @@
 """Building blocks of both decoder families.
 
-Llama: RMSNorm, rotary positions, grouped-query attention, SwiGLU, no biases.
+Llama: RMSNorm, rotary positions, grouped-query attention, SwiGLU.
 GPT-2: LayerNorm with bias, (learned positions, in the transformer), attention and a
-GELU MLP with biases.
+GELU MLP. The projections have biases where `cfg.bias` says (by default GPT-2's do).
 
 Every parameter carries `logical_axes` metadata; activations are constrained by
 logical names through `sharding.constrain`. Shape suffixes: B batch, L length,
@@ -65,6 +65,15 @@ def zeros(shape: tuple[int, ...], axes: LogicalAxes) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, jnp.float32), logical_axes=axes)
 
 
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """x with each element zeroed with probability `rate` and the rest scaled by
+    1 / (1 - rate); x itself without a key (evaluation, sampling) or at rate 0."""
+    if key is None or not rate:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float):
         self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
@@ -105,8 +114,8 @@ def rotary(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.
 
 
 class Attention(nnx.Module):
-    """Causal self-attention: grouped-query with rotary positions (llama), or with biases
-    and no rotation (gpt2, whose positions are added to the embeddings)."""
+    """Causal self-attention: grouped-query with rotary positions (llama), or without
+    rotation (gpt2, whose positions are added to the embeddings)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, g, k = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -114,10 +123,9 @@ class Attention(nnx.Module):
         self.wq_DxHxK = param(rngs, (d, h, k), ("embed", "heads", "head_dim"), std)
         self.wk_DxGxK = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), std)
         self.wv_DxGxK = param(rngs, (d, g, k), ("embed", "kv_heads", "head_dim"), std)
-        # Output projections start smaller so the residual stream stays O(1) at init.
-        out_std = std / (2 * cfg.num_layers) ** 0.5
-        self.wo_HxKxD = param(rngs, (h, k, d), ("heads", "head_dim", "embed"), out_std)
-        self.biased = cfg.family == "gpt2"
+        self.wo_HxKxD = param(rngs, (h, k, d), ("heads", "head_dim", "embed"),
+                              cfg.residual_init_std)
+        self.biased = cfg.bias
         if self.biased:
             self.bq_HxK = zeros((h, k), ("heads", "head_dim"))
             self.bk_GxK = zeros((g, k), ("kv_heads", "head_dim"))
@@ -127,11 +135,15 @@ class Attention(nnx.Module):
         self.theta = cfg.rope_theta
         self.dtype = jnp.dtype(cfg.dtype)
         self.impl = cfg.attention
+        self.dropout = cfg.attention_dropout
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
-                 segment_ids_BxL: jax.Array | None) -> jax.Array:
+                 segment_ids_BxL: jax.Array | None,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
         q_BxLxHxK, k_BxLxGxK, v_BxLxGxK = self._project(x_BxLxD, positions_BxL)
-        out_BxLxHxK = attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, self.impl)
+        dropout = (self.dropout, dropout_key) if self.dropout and dropout_key is not None else None
+        out_BxLxHxK = attend(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, self.impl,
+                             dropout)
         return self._output(out_BxLxHxK)
 
     def decode(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, k_BxSxGxK: jax.Array,
@@ -172,41 +184,55 @@ class Attention(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-    """Llama's MLP: down(silu(gate(x)) * up(x))."""
+    """Llama's MLP: down(silu(gate(x)) * up(x)), with biases if `cfg.bias`."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, std = cfg.embed_dim, cfg.mlp_dim, cfg.init_std
         self.w_gate_DxF = param(rngs, (d, f), ("embed", "mlp"), std)
         self.w_up_DxF = param(rngs, (d, f), ("embed", "mlp"), std)
-        self.w_down_FxD = param(rngs, (f, d), ("mlp", "embed"), std / (2 * cfg.num_layers) ** 0.5)
+        self.w_down_FxD = param(rngs, (f, d), ("mlp", "embed"), cfg.residual_init_std)
+        self.biased = cfg.bias
+        if self.biased:
+            self.b_gate_F = zeros((f,), ("mlp",))
+            self.b_up_F = zeros((f,), ("mlp",))
+            self.b_down_D = zeros((d,), ("embed",))
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.dtype
         gate_BxLxF = dense(x_BxLxD, self.w_gate_DxF[...].astype(dt))
         up_BxLxF = dense(x_BxLxD, self.w_up_DxF[...].astype(dt))
+        if self.biased:
+            gate_BxLxF = gate_BxLxF + self.b_gate_F[...].astype(dt)
+            up_BxLxF = up_BxLxF + self.b_up_F[...].astype(dt)
         hidden_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
-        return dense(hidden_BxLxF, self.w_down_FxD[...].astype(dt))
+        out_BxLxD = dense(hidden_BxLxF, self.w_down_FxD[...].astype(dt))
+        return out_BxLxD + self.b_down_D[...].astype(dt) if self.biased else out_BxLxD
 
 
 class GeluMLP(nnx.Module):
-    """GPT-2's MLP: out(gelu(in(x) + b_in)) + b_out, with the tanh approximation of GELU."""
+    """GPT-2's MLP: out(gelu(in(x) + b_in)) + b_out, with the tanh approximation of GELU
+    (the biases only if `cfg.bias`)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, std = cfg.embed_dim, cfg.mlp_dim, cfg.init_std
         self.w_in_DxF = param(rngs, (d, f), ("embed", "mlp"), std)
-        self.b_in_F = zeros((f,), ("mlp",))
-        self.w_out_FxD = param(rngs, (f, d), ("mlp", "embed"), std / (2 * cfg.num_layers) ** 0.5)
-        self.b_out_D = zeros((d,), ("embed",))
+        self.w_out_FxD = param(rngs, (f, d), ("mlp", "embed"), cfg.residual_init_std)
+        self.biased = cfg.bias
+        if self.biased:
+            self.b_in_F = zeros((f,), ("mlp",))
+            self.b_out_D = zeros((d,), ("embed",))
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.dtype
         pre_BxLxF = dense(x_BxLxD, self.w_in_DxF[...].astype(dt))
-        hidden_BxLxF = jax.nn.gelu(pre_BxLxF + self.b_in_F[...].astype(dt), approximate=True)
+        if self.biased:
+            pre_BxLxF = pre_BxLxF + self.b_in_F[...].astype(dt)
+        hidden_BxLxF = jax.nn.gelu(pre_BxLxF, approximate=True)
         hidden_BxLxF = constrain(hidden_BxLxF, ("batch", "length", "mlp"))
         out_BxLxD = dense(hidden_BxLxF, self.w_out_FxD[...].astype(dt))
-        return out_BxLxD + self.b_out_D[...].astype(dt)
+        return out_BxLxD + self.b_out_D[...].astype(dt) if self.biased else out_BxLxD
 
 
 def mlp(cfg: ModelConfig, rngs: nnx.Rngs) -> SwiGLU | GeluMLP:

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from configs import resolve_auto
+from configs import derive_model, resolve_auto
 from configs.schema import ModelConfig
-from model.layers import Attention, mlp, norm, param
+from model.layers import Attention, dropout, mlp, norm, param
 from sharding import constrain
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -30,12 +30,19 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = norm(cfg)
         self.mlp = mlp(cfg, rngs)
+        self.residual_dropout = cfg.residual_dropout
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
-                 segment_ids_BxL: jax.Array | None) -> jax.Array:
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+                 segment_ids_BxL: jax.Array | None,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        """With `dropout_key` (training), the block's dropout is drawn from it."""
+        keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
+        attended_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL,
+                                   keys[0])
+        x_BxLxD = x_BxLxD + dropout(attended_BxLxD, self.residual_dropout, keys[1])
         x_BxLxD = constrain(x_BxLxD, ACTIVATION_AXES)
-        x_BxLxD = x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+        x_BxLxD = x_BxLxD + dropout(self.mlp(self.mlp_norm(x_BxLxD)), self.residual_dropout,
+                                    keys[2])
         return constrain(x_BxLxD, ACTIVATION_AXES)
 
     def decode(self, x_BxTxD: jax.Array, positions_BxT: jax.Array, k_BxSxGxK: jax.Array,
@@ -65,12 +72,13 @@ class Transformer(nnx.Module):
     """Decoder of either family (`cfg.family`): llama or gpt2."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        cfg = resolve_auto(cfg, jax.default_backend())
+        cfg = derive_model(resolve_auto(cfg, jax.default_backend()))
         d = cfg.embed_dim
-        self.embed_VxD = param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), 1.0)
+        self.embed_VxD = param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), cfg.embed_init_std)
         self.learned_positions = cfg.family == "gpt2"
         if self.learned_positions:
-            self.positions_PxD = param(rngs, (cfg.max_positions, d), ("positions", "embed"), 0.01)
+            self.positions_PxD = param(rngs, (cfg.max_positions, d), ("positions", "embed"),
+                                       cfg.position_init_std)
         self.scan = cfg.scan_layers
         if self.scan:
             self.blocks = _stacked_blocks(cfg, rngs)
@@ -79,28 +87,36 @@ class Transformer(nnx.Module):
         self.final_norm = norm(cfg)
         self.tied = cfg.tie_embeddings
         if not self.tied:
-            # A small output projection makes the initial loss close to log(vocab_size).
-            self.unembed_DxV = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+            self.unembed_DxV = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"),
+                                     cfg.unembed_init_std)
         self.dtype = jnp.dtype(cfg.dtype)
         self.remat = cfg.remat
         self.num_layers = cfg.num_layers
+        self.embed_dropout = cfg.embed_dropout
 
     def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-                 segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+                 segment_ids_BxL: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
         """Float32 logits for the next token at every position.
 
         With `segment_ids_BxL` (packed rows), a position attends only to earlier
-        positions of its own document; without, to all earlier positions.
+        positions of its own document; without, to all earlier positions. With
+        `dropout_key` (training), dropout is applied at the configured rates.
         """
-        return self.logits(self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL))
+        return self.logits(self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key))
 
     def hidden(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-               segment_ids_BxL: jax.Array | None = None) -> jax.Array:
+               segment_ids_BxL: jax.Array | None = None,
+               dropout_key: jax.Array | None = None) -> jax.Array:
         """The final normalised hidden states, which the unembedding turns into logits."""
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-        x_BxLxD = self._embed(tokens_BxL, positions_BxL)
-        x_BxLxD = self._blocks(x_BxLxD, positions_BxL, segment_ids_BxL)
+        embed_key = layer_keys = None
+        if dropout_key is not None:
+            embed_key, blocks_key = jax.random.split(dropout_key)
+            layer_keys = jax.random.split(blocks_key, self.num_layers)
+        x_BxLxD = dropout(self._embed(tokens_BxL, positions_BxL), self.embed_dropout, embed_key)
+        x_BxLxD = self._blocks(x_BxLxD, positions_BxL, segment_ids_BxL, layer_keys)
         return self.final_norm(x_BxLxD)
 
     def logits(self, x_BxLxD: jax.Array) -> jax.Array:
@@ -157,20 +173,23 @@ class Transformer(nnx.Module):
         return constrain(x_BxLxD, ACTIVATION_AXES)
 
     def _blocks(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
-                segment_ids_BxL: jax.Array | None) -> jax.Array:
-        """Every block in order: a Python loop, or one `lax.scan` over stacked weights."""
-        def apply(graphdef, block_state, x_BxLxD):
-            return nnx.merge(graphdef, block_state)(x_BxLxD, positions_BxL, segment_ids_BxL)
+                segment_ids_BxL: jax.Array | None, layer_keys: jax.Array | None) -> jax.Array:
+        """Every block in order: a Python loop, or one `lax.scan` over stacked weights.
+        `layer_keys` holds each block's dropout key (None: no dropout)."""
+        def apply(graphdef, block_state, x_BxLxD, key):
+            return nnx.merge(graphdef, block_state)(x_BxLxD, positions_BxL, segment_ids_BxL, key)
 
         if self.remat != "none":
             apply = jax.checkpoint(apply, policy=REMAT_POLICIES[self.remat], static_argnums=0)
         if not self.scan:
-            for block in self.blocks:
-                x_BxLxD = apply(*nnx.split(block), x_BxLxD)
+            for i, block in enumerate(self.blocks):
+                key = None if layer_keys is None else layer_keys[i]
+                x_BxLxD = apply(*nnx.split(block), x_BxLxD, key)
             return x_BxLxD
         graphdef, stacked_state = nnx.split(self.blocks)
 
-        def layer(x_BxLxD, block_state):
-            return apply(graphdef, block_state, x_BxLxD), None
+        def layer(x_BxLxD, inputs):
+            block_state, key = inputs
+            return apply(graphdef, block_state, x_BxLxD, key), None
 
-        return jax.lax.scan(layer, x_BxLxD, stacked_state)[0]
+        return jax.lax.scan(layer, x_BxLxD, (stacked_state, layer_keys))[0]

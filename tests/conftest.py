@@ -25,8 +25,10 @@ TINY_OVERRIDES = [
 
 
 def tiny_config(*overrides: str) -> Config:
-    """The tiny preset shrunk for tests, with extra `key=value` overrides."""
-    return load("tiny", TINY_OVERRIDES + list(overrides))
+    """The tiny preset shrunk for tests, with extra `key=value` overrides. Llama blocks use
+    grouped-query attention (2 kv heads); GPT-2 has none, its kv heads follow its heads."""
+    ungrouped = ["model.num_kv_heads=none"] if "model.family=gpt2" in overrides else []
+    return load("tiny", TINY_OVERRIDES + ungrouped + list(overrides))
 
 
 @pytest.fixture(scope="session", autouse=True)

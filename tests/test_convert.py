@@ -190,6 +190,22 @@ def test_to_hf_refuses_a_gpt2_shape_transformers_cannot_express():
     grouped = configs.ModelConfig(family="gpt2", num_heads=4, num_kv_heads=2)
     with pytest.raises(ConversionError, match="num_kv_heads"):
         hf_config(grouped)
+    with pytest.raises(ConversionError, match="model.bias=false"):
+        hf_config(configs.ModelConfig(family="gpt2", bias=False))
+
+
+def test_llama_with_biases_gives_the_transformers_logits_and_round_trips(tmp_path):
+    torch, transformers = _require_hf()
+    hf_model = _hf_model("llama", tied=False, attention_bias=True, mlp_bias=True)
+    from_hf(_save(hf_model, tmp_path / "hf"), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["bias"] is True
+    tokens = _tokens()
+    difference = np.abs(_our_logits(tmp_path / "run", tokens) - _torch_logits(hf_model, tokens))
+    assert float(difference.max()) < TOLERANCE
+    assert main(["--to-hf", str(tmp_path / "run"), "--out", str(tmp_path / "back")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    for name, tensor in hf_model.state_dict().items():
+        assert torch.equal(tensor, back.state_dict()[name]), name
 
 
 def test_overrides_may_not_change_the_model_shape(tmp_path):

@@ -11,7 +11,13 @@ import pytest
 import configs
 import model
 from conftest import tiny_config
-from model.attention import attend, dot_product_attention
+from model.attention import (
+    _softmax_attention,
+    _softmax_attention_forward,
+    attend,
+    dot_product_attention,
+)
+from model.layers import dropout
 from sharding import make_mesh, use_rules
 from train.step import loss_fn
 
@@ -95,6 +101,52 @@ def test_hand_written_attention_backward_equals_autodiff_of_the_reference():
         argnums=(0, 1, 2))(q, k, v)
     for name, a, b in zip("qkv", ours, reference, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"d{name}")
+
+
+def test_attention_dropout_backward_equals_autodiff_of_its_forward():
+    q, k, v, segments = _qkv()
+    batch, length, heads, head_dim = q.shape
+    groups = k.shape[2]
+    as_groups = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # B x G x L x K
+    q_BxGxNxK = as_groups(q)[:, :groups]
+    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    keep = jax.random.bernoulli(jax.random.key(4), 0.7, (batch, groups, length, length)) / 0.7
+    weights = jax.random.normal(jax.random.key(9), q_BxGxNxK.shape)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v, mask, keep) * weights)
+
+    args = (q_BxGxNxK, as_groups(k), as_groups(v))
+    ours = jax.grad(functools.partial(loss, _softmax_attention), argnums=(0, 1, 2))(*args)
+    forward = lambda *a: _softmax_attention_forward(*a)[0]  # noqa: E731
+    reference = jax.grad(functools.partial(loss, forward), argnums=(0, 1, 2))(*args)
+    for name, a, b in zip("qkv", ours, reference, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
+    dropped = _softmax_attention(*args, mask, keep)
+    assert not np.allclose(dropped, _softmax_attention(*args, mask, None))
+
+
+def test_dropout_changes_training_losses_by_key_and_never_evaluation():
+    rates = ("model.embed_dropout=0.1", "model.attention_dropout=0.1",
+             "model.residual_dropout=0.1")
+    cfg = tiny_config(*rates).model
+    plain = tiny_config().model
+    params = _params(cfg)
+    batch = _batch(cfg)
+    loss = jax.jit(lambda key: loss_fn(params, batch, cfg, key)[0])
+    evaluation = float(jax.jit(lambda: loss_fn(params, batch, cfg)[0])())
+    assert evaluation == float(jax.jit(lambda: loss_fn(params, batch, plain)[0])())
+    first, again = float(loss(jax.random.key(1))), float(loss(jax.random.key(1)))
+    assert first == again and first != evaluation
+    assert float(loss(jax.random.key(2))) != first
+
+
+def test_dropout_zeroes_its_rate_and_keeps_the_mean():
+    x = jnp.ones((1000, 100))
+    dropped = np.asarray(dropout(x, 0.25, jax.random.key(0)))
+    assert abs(float(np.mean(dropped == 0)) - 0.25) < 0.01
+    assert abs(float(dropped.mean()) - 1.0) < 0.02
+    assert dropout(x, 0.25, None) is x
 
 
 def test_splash_kernel_matches_xla_sharded_and_not():

@@ -91,6 +91,23 @@ def test_eval_batches_fill_with_zero_weight_rows():
     assert batches[1]["weights"][3].sum() == 0 and batches[1]["weights"][0].sum() > 0
 
 
+def test_eval_batches_minus_one_covers_every_held_out_token():
+    rows = PackedRows(np.arange(50, dtype=np.int32), 8, pad_id=99, eos_id=98)  # 7 rows
+    every = list(eval_batches(rows, batch_size=2, max_batches=-1))
+    assert len(every) == 4
+    targets = np.concatenate([b["targets"][b["weights"] > 0] for b in every])
+    np.testing.assert_array_equal(targets, np.arange(1, 50))  # each token but the first
+    first = list(eval_batches(rows, batch_size=2, max_batches=1))
+    assert sum(b["weights"].sum() for b in first) == 16
+
+
+def test_eval_fraction_zero_holds_nothing_out_of_the_default_corpus():
+    splits = make_splits(tiny_config("data.eval_fraction=0").data, TOKENIZER)
+    whole = token_stream(load_documents(""), TOKENIZER)
+    assert splits.eval is None
+    np.testing.assert_array_equal(splits.train.stream, whole)
+
+
 def test_default_corpus_splits_into_train_and_held_out():
     splits = make_splits(tiny_config().data, TOKENIZER)
     assert len(splits.train) > 1000 and len(splits.eval) > 10

@@ -3,7 +3,9 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+import configs
 import model
 from conftest import tiny_config
 
@@ -31,15 +33,64 @@ def test_changing_a_future_token_changes_no_earlier_logit():
     assert not np.allclose(before[:, 10:], after[:, 10:])
 
 
-def test_loss_at_init_is_close_to_log_vocab():
-    cfg = tiny_config().model
-    tokens_BxL = jax.random.randint(jax.random.key(2), (4, 33), 0, 256)
+def _first_loss(cfg, rows: int = 4, length: int = 256) -> float:
+    """The loss of freshly initialised parameters on uniformly random tokens."""
+    tokens_BxL = jax.random.randint(jax.random.key(2), (rows, length + 1), 0, cfg.vocab_size)
 
-    def loss(params):
-        logits = model.merge(cfg, params)(tokens_BxL[:, :-1])
-        return model.cross_entropy(logits, tokens_BxL[:, 1:], jnp.ones((4, 32)))[0]
+    def loss():
+        logits = model.merge(cfg, model.init_params(cfg, 0))(tokens_BxL[:, :-1])
+        return model.cross_entropy(logits, tokens_BxL[:, 1:], jnp.ones((rows, length)))[0]
 
-    assert abs(float(jax.jit(loss)(_params(cfg))) - math.log(cfg.vocab_size)) < 0.05
+    return float(jax.jit(loss)())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_first_loss_of_each_family_tied_or_not_is_near_log_vocab(family, tied):
+    cfg = tiny_config(f"model.family={family}", f"model.tie_embeddings={str(tied).lower()}",
+                      "model.vocab_size=258").model
+    assert abs(_first_loss(cfg) - math.log(cfg.vocab_size)) < 0.2
+
+
+# The wide presets keep their width and vocabulary but run 2 of their blocks (at full depth
+# they do not fit a CI machine). Untied, the first loss depends on the width, not the depth;
+# tied, fewer blocks leave more of the embedding in the last hidden state, which only
+# raises the loss.
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, layers", [("tiny", None), ("bench-20m", None),
+                                            ("gpt2-small", None), ("llama-1b", 2),
+                                            ("llama-7b", 2)])
+def test_first_loss_of_every_preset_is_within_0_2_of_log_vocab(preset, layers):
+    overrides = ["model.dtype=float32", "model.remat=none"]
+    overrides += [f"model.num_layers={layers}"] if layers else []
+    cfg = configs.load(preset, overrides).model
+    loss = _first_loss(cfg, rows=2, length=128)
+    print(f"{preset}: first loss {loss:.3f}, ln(V) {math.log(cfg.vocab_size):.3f}")
+    assert abs(loss - math.log(cfg.vocab_size)) < 0.2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_initial_weights_have_the_configured_stds(family):
+    cfg = configs.derive_model(tiny_config(
+        f"model.family={family}", "model.bias=true", "model.embed_dim=64", "model.head_dim=16",
+        "model.embed_init_std=0.05", "model.position_init_std=0.03",
+        "model.unembed_init_std=0.01").model)
+    params = _params(cfg)
+    attn, mlp = params["blocks"][0]["attn"], params["blocks"][0]["mlp"]
+    expected = {"embed": (params["embed_VxD"], 0.05), "query": (attn["wq_DxHxK"], 0.02),
+                "out": (attn["wo_HxKxD"], cfg.residual_init_std),
+                "unembed": (params["unembed_DxV"], 0.01)}
+    expected["down"] = (mlp["w_down_FxD"] if family == "llama" else mlp["w_out_FxD"],
+                        cfg.residual_init_std)
+    if family == "gpt2":
+        expected["positions"] = (params["positions_PxD"], 0.03)
+        assert cfg.residual_init_std == pytest.approx(0.02 / math.sqrt(2 * cfg.num_layers))
+    else:
+        assert cfg.residual_init_std == 0.02  # Llama does not scale its residual projections
+    for name, (weight, std) in expected.items():
+        assert float(np.std(weight)) == pytest.approx(std, rel=0.1), name
+    assert float(np.abs(attn["bq_HxK"]).max()) == 0.0
+    np.testing.assert_array_equal(params["final_norm"]["scale"], 1.0)
 
 
 def test_every_parameter_has_logical_axes_of_its_rank():

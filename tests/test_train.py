@@ -43,7 +43,10 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
 
 
 def test_resumed_run_ends_bit_identical_to_uninterrupted_run(tmp_path):
-    common = ("train.steps=6", "checkpoint.every=3", "train.eval_batches=0")
+    # With dropout: its masks come from (seed, step), which a resumed run restores.
+    common = ("train.steps=6", "checkpoint.every=3", "train.eval_batches=0",
+              "model.embed_dropout=0.1", "model.attention_dropout=0.1",
+              "model.residual_dropout=0.1")
     whole = run(tiny_config(*common, f"run_dir={tmp_path / 'whole'}"))
 
     stopped = tiny_config(*common, f"run_dir={tmp_path / 'split'}", "train.stop_after=3")

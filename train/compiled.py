@@ -94,7 +94,7 @@ def _lower(config: Config, mesh: jax.sharding.Mesh, tx: Any,
     def step_fn(state, batch):
         with sharding.use_rules(mesh, config.mesh.rules):
             return train_step(state, batch, cfg=config.model, tx=tx, schedule=schedule,
-                              microbatches=config.train.microbatches)
+                              microbatches=config.train.microbatches, seed=config.seed)
 
     shardings = train_state.shardings_of(target)
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),

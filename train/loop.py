@@ -96,9 +96,13 @@ def _run(config: Config, devices: list[jax.Device] | None,
     _check_fits(config, mesh, tokenizer)
     sources = data_input.data_sources(config.data, tokenizer)
     say(f"mesh {dict(mesh.shape)} on {mesh.devices.size} {platform} device(s)")
-    for source in sources:
-        say(f"data {source.name} (weight {source.weight:g}): {len(source.splits.train)} train "
-            f"rows, {len(source.splits.eval)} held-out rows of {config.data.seq_len} tokens")
+    eval_path, seq_len = config.data.eval_path, config.data.seq_len
+    split_off = {} if eval_path else {s.name: len(s.rows) for s in sources.heldout}
+    for source in sources.train:
+        say(f"data {source.name} (weight {source.weight:g}): {len(source.rows)} train rows, "
+            f"{split_off.get(source.name, 'no')} held-out rows of {seq_len} tokens")
+    for source in sources.heldout if eval_path else ():
+        say(f"data.eval_path {source.name}: {len(source.rows)} held-out rows of {seq_len} tokens")
 
     saved_steps = None
     if config.train.compile_cache:
@@ -115,8 +119,8 @@ def _run(config: Config, devices: list[jax.Device] | None,
         state, position, step_fn = _restore_while_compiling(config, mesh, tx, target, ckpt,
                                                             clock, saved_steps)
         start = int(state.step)
-        train_rows = (sources[0].splits.train if len(sources) == 1 else
-                      [(source.splits.train, source.weight) for source in sources])
+        train_rows = (sources.train[0].rows if len(sources.train) == 1 else
+                      [(source.rows, source.weight) for source in sources.train])
         dataset = data_input.train_dataset(
             train_rows, seed=config.seed, global_batch=config.train.batch_size,
             process_index=jax.process_index(), process_count=jax.process_count())
@@ -142,7 +146,7 @@ def _run(config: Config, devices: list[jax.Device] | None,
         return RunResult(state, start, int(state.step), losses, None, True, seconds, waited)
     evaluating = time.perf_counter()
     eval_loss = _evaluate(config, mesh, train_state.shardings_of(target.params), state.params,
-                          sources, int(state.step))
+                          sources.heldout, int(state.step))
     clock.add("evaluation", time.perf_counter() - evaluating)
     clock.save_and_print(config.run_dir, say)
     return RunResult(state, start, int(state.step), losses, eval_loss, False, seconds, waited)
@@ -295,9 +299,10 @@ def _report(config: Config, step: int, metrics: dict[str, jax.Array], meter: _Me
 
 
 def _evaluate(config: Config, mesh: jax.sharding.Mesh, param_shardings: Any, params: Any,
-              sources: list[data_input.Source], step: int) -> float | None:
-    """Held-out loss of each source over up to train.eval_batches batches; their weighted mean."""
-    if config.train.eval_batches == 0:
+              sources: tuple[data_input.Source, ...], step: int) -> float | None:
+    """Held-out loss of each held-out source over up to train.eval_batches batches (-1: all
+    its rows); their weighted mean. None when nothing is held out."""
+    if config.train.eval_batches == 0 or not sources:
         return None
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
 
@@ -309,7 +314,7 @@ def _evaluate(config: Config, mesh: jax.sharding.Mesh, param_shardings: Any, par
     losses = {}
     for source in sources:
         loss_sum = tokens = 0.0
-        for batch in data_input.eval_batches(source.splits.eval, config.train.batch_size,
+        for batch in data_input.eval_batches(source.rows, config.train.batch_size,
                                              config.train.eval_batches):
             # Every process reads the whole held-out batch; each device keeps its rows.
             rows = sharding.to_global(batch, batch_sharding, whole=True)
