@@ -263,7 +263,10 @@ class TrainConfig:
     """Print a log line every this many steps."""
     eval_batches: Annotated[int, Range(
         min=-1, message="must be >= 0, or -1 for all held-out rows; got {value}")] = 8
-    """Held-out batches evaluated at the end of the run; -1: all held-out rows."""
+    """Held-out batches of each held-out dataset per evaluation; -1: all held-out rows."""
+    eval_every: NonNegative = 0
+    """Evaluate held-out loss every this many steps, besides the end of the run (0: only at
+    the end)."""
     stop_after: NonNegative = 0
     """Stop this invocation after this many steps (0: run to `steps`); for time-sliced jobs."""
     compile_cache: bool = True

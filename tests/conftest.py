@@ -1,11 +1,17 @@
 """Eight fake CPU devices for every test, set before JAX is first imported."""
 
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The user's cache (~/.cache/io-first-lm: the measured matmul peak) is neither read nor
+# written by tests; one cache serves the session, its subprocesses included.
+_CACHE_HOME = tempfile.mkdtemp(prefix="io-first-lm-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
 
 # The repository root, so tests import the packages whether or not they are installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,3 +40,9 @@ def tiny_config(*overrides: str) -> Config:
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS)"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache():
+    yield
+    shutil.rmtree(_CACHE_HOME, ignore_errors=True)

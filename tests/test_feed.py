@@ -5,7 +5,7 @@ import pytest
 import sharding
 from conftest import tiny_config
 from input import ByteTokenizer, PackedRows, token_stream, train_dataset, train_iterator
-from train.feed import DeviceFeed
+from train.feed import DataPosition, DeviceFeed
 
 
 def test_feed_yields_sharded_batches_in_order_with_their_positions():
@@ -19,7 +19,7 @@ def test_feed_yields_sharded_batches_in_order_with_their_positions():
     with DeviceFeed(train_iterator(dataset, config.data), batch_sharding, depth=3) as feed:
         for k in range(5):
             batch, position = next(feed)
-            assert position == {"next_index": k + 1}
+            assert position == DataPosition(k + 1)
             assert batch["inputs"].sharding == batch_sharding
             np.testing.assert_array_equal(np.asarray(batch["inputs"]), dataset[k]["inputs"])
 

@@ -141,3 +141,19 @@ def test_dense_gradients_equal_those_of_the_einsum():
     for got, want in zip(ours, reference, strict=True):
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bias_switch_adds_or_removes_every_projection_bias(family):
+    def biases(*overrides):
+        cfg = tiny_config(f"model.family={family}", *overrides).model
+        block = model.abstract_params(cfg)["blocks"][0]
+        return sorted(f"{part}.{name}" for part in ("attn", "mlp") for name in block[part]
+                      if name.startswith("b"))
+
+    on, off = biases("model.bias=true"), biases("model.bias=false")
+    assert off == []
+    mlp = ["mlp.b_in_F", "mlp.b_out_D"] if family == "gpt2" else [
+        "mlp.b_down_D", "mlp.b_gate_F", "mlp.b_up_F"]
+    assert on == ["attn.bk_GxK", "attn.bo_D", "attn.bq_HxK", "attn.bv_GxK", *mlp]
+    assert biases() == (on if family == "gpt2" else off)  # the family's default

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from configs import ConfigError
 from configs.schema import ProfileConfig
 from conftest import tiny_config
-from train import metrics_log, profiling, run, tensorboard_log
+from train import metrics_log, profiling, report, run, tensorboard_log
 from train.progress import CLEAR_LINE, Console, StepBar, eta_seconds, format_duration
 
 
@@ -231,3 +231,24 @@ def test_profile_traces_exactly_the_chosen_steps_and_not_again_after_resume(tmp_
     assert list((tmp_path / "profile" / "plugins" / "profile").iterdir()) == traces
     assert "profile: steps 2-3 are outside this run's steps 5-6; not traced" in (
         capsys.readouterr().out)
+
+
+def test_eval_every_reports_held_out_loss_during_the_run_in_every_view(tmp_path):
+    result = run(tiny_config("train.steps=6", "train.eval_every=2", "train.eval_batches=1",
+                             "checkpoint.every=0", f"run_dir={tmp_path}"))
+    evals = [r for r in metrics_log.read(tmp_path) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]  # the end's evaluation is step 6's
+    assert evals[-1]["eval_loss"] == result.eval_loss
+    assert len({r["eval_loss"] for r in evals}) == 3  # measured anew each time
+    scalars = _tensorboard_scalars(tmp_path)
+    assert [step for step, _, _ in scalars["eval/default corpus/eval_loss"]] == [2, 4, 6]
+    history = report.read(tmp_path)  # what the PNG report plots
+    assert [r["step"] for r in history.evals["default corpus"]] == [2, 4, 6]
+    goodput = json.loads((tmp_path / "goodput.json").read_text())
+    assert goodput["evaluation"] > 0
+
+
+def test_bar_shows_the_latest_held_out_loss():
+    bar = StepBar(first=0, end=10, started=0.0)
+    bar.loss, bar.eval_loss = 2.5, 2.75
+    assert "loss 2.5000 | held-out 2.7500" in bar.text(200)

@@ -35,7 +35,8 @@ STEP_PACKAGES = ("configs", "model", "sharding", "train")
 # Config fields that steer the run around the step but never go into it.
 _NOT_IN_STEP = {
     "": ("data", "checkpoint", "profile", "distributed", "run_dir"),
-    "train": ("log_every", "eval_batches", "stop_after", "compile_cache", "compile_cache_dir"),
+    "train": ("log_every", "eval_batches", "eval_every", "stop_after", "compile_cache",
+              "compile_cache_dir"),
 }
 _ENVIRONMENT = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
 KEEP = 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from typing import Any
@@ -11,22 +12,34 @@ from jax.sharding import NamedSharding
 
 import sharding
 
-_DONE = object()
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where a run is in its training data: batches consumed since the start of training.
+    Saved with every checkpoint; a resumed run reads on from there."""
+
+    next_index: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"next_index": self.next_index}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> DataPosition:
+        return cls(int(saved["next_index"]))
 
 
 class DeviceFeed:
     """A background thread turns host batches into global arrays, `depth` steps ahead.
 
-    Each item comes with the data position just after its batch (batches consumed
-    since the start of training), so a checkpoint
+    Each item comes with the data position just after its batch, so a checkpoint
     saved after a step records exactly the batches that step consumed, however
-    far the feed has read ahead.
+    far the feed has read ahead. `batches` must start at `start`.
     """
 
     def __init__(self, batches: grain.DatasetIterator, batch_sharding: NamedSharding,
-                 depth: int = 2, start: int = 0):
+                 depth: int = 2, start: DataPosition = DataPosition()):
         self._batches = batches
-        self._next_index = start
+        self._next_index = start.next_index
         self._sharding = batch_sharding
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -38,7 +51,7 @@ class DeviceFeed:
             while not self._stop.is_set():
                 host = next(self._batches)
                 self._next_index += 1
-                item = (sharding.to_global(host, self._sharding), {"next_index": self._next_index})
+                item = (sharding.to_global(host, self._sharding), DataPosition(self._next_index))
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -48,7 +61,7 @@ class DeviceFeed:
         except BaseException as e:  # surfaces in the training thread at the next batch
             self._queue.put(e)
 
-    def __next__(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def __next__(self) -> tuple[dict[str, Any], DataPosition]:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item

@@ -3,9 +3,12 @@ checkpoint blocking, evaluation, and the rest (idle)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import pathlib
 import time
+from collections.abc import Iterator
 
 import jax
 
@@ -14,15 +17,48 @@ CATEGORIES = ("initialisation", "compilation", "productive steps", "data wait",
 FILENAME = "goodput.json"
 
 
+@dataclasses.dataclass
+class Phase:
+    """A measured stretch of one category: its own seconds, less the phases inside it."""
+
+    category: str
+    seconds: float = 0.0
+    nested: float = 0.0
+
+
 class Goodput:
-    """Seconds per category since construction; `idle` is whatever the others do not cover."""
+    """Seconds per category since construction; `idle` is whatever the others do not cover.
+
+    Phases nest: the time of a phase inside another (a save inside the step loop) counts
+    for the inner one only.
+    """
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
         self.seconds = dict.fromkeys(CATEGORIES[:-1], 0.0)
+        self._open: list[Phase] = []
 
-    def add(self, category: str, seconds: float) -> None:
+    @contextlib.contextmanager
+    def phase(self, category: str) -> Iterator[Phase]:
+        """Measure the block as `category`; the yielded Phase holds its seconds afterwards."""
+        phase = Phase(category)
+        self._open.append(phase)
+        started = time.perf_counter()
+        try:
+            yield phase
+        finally:
+            elapsed = time.perf_counter() - started
+            self._open.remove(phase)
+            phase.seconds = max(0.0, elapsed - phase.nested)
+            self.seconds[category] += phase.seconds
+            if self._open:
+                self._open[-1].nested += elapsed
+
+    def attribute(self, category: str, seconds: float) -> None:
+        """Count seconds measured elsewhere (inside the open phase) as `category`."""
         self.seconds[category] += seconds
+        if self._open:
+            self._open[-1].nested += seconds
 
     def report(self) -> dict[str, float]:
         total = time.perf_counter() - self.started

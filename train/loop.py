@@ -1,13 +1,18 @@
-"""`run(config)`: the training loop, importable from a notebook or called by `python -m train`."""
+"""`run(config)`: the training loop, importable from a notebook or called by `python -m train`.
+
+After each step the loop hands the step to its actions (log, save, evaluate); each one
+asks `itstime` whether it is due at that step.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
-import math
 import pathlib
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -17,52 +22,39 @@ import configs
 import input as data_input
 import sharding
 from configs.schema import Config
-from train import collector, compile_cache, flops, progress, run_lock
+from train import actions, collector, compile_cache, progress, run_lock
 from train import state as train_state
 from train.compiled import compile_train_step
-from train.feed import DeviceFeed
+from train.evaluation import Evaluator
+from train.feed import DataPosition, DeviceFeed
 from train.goodput import Goodput
 from train.metrics_log import MetricsLog
 from train.optimizer import make_optimizer
 from train.preemption import Preemption
 from train.profiling import StepProfiler
-from train.step import eval_step
+from train.state import TrainState
+
+Metrics = dict[str, jax.Array]
+StepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]
 
 
 @dataclasses.dataclass
 class RunResult:
     """What a run leaves behind for its caller."""
 
-    state: train_state.TrainState
+    state: TrainState
     start_step: int
     final_step: int
     losses: dict[int, float]
+    """Training loss of every logged step."""
     eval_loss: float | None
+    """Held-out loss at the end (the weighted mean over held-out datasets)."""
     preempted: bool = False
     train_seconds: float = 0.0
-    """Wall time of the step loop, from after compilation to the last step's save."""
+    """Wall time of the step loop, from after compilation to the last step's save, less the
+    evaluations during it."""
     data_wait_seconds: float = 0.0
     """Part of train_seconds the loop spent waiting for its next batch."""
-
-
-@dataclasses.dataclass
-class _Meter:
-    """Host-side timing between log lines (the device is never waited on for it)."""
-
-    last_time: float
-    last_step: int
-    flops_per_token: float
-    peak_flops: float
-    """Of all devices of the mesh together; MFU = model FLOP/s / peak_flops."""
-    data_wait: float = 0.0
-    checkpoint_blocked: float = 0.0
-
-    def interval(self, step: int, now: float) -> tuple[float, int, float, float]:
-        elapsed, steps = now - self.last_time, step - self.last_step
-        wait, blocked = self.data_wait, self.checkpoint_blocked
-        self.last_time, self.last_step = now, step
-        self.data_wait = self.checkpoint_blocked = 0.0
-        return elapsed, steps, wait, blocked
 
 
 # stdout of process 0: log lines, and on a terminal the step bar below them.
@@ -87,6 +79,32 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
 def _run(config: Config, devices: list[jax.Device] | None,
          startup: collector.StartUp) -> RunResult:
     clock = Goodput()
+    with contextlib.ExitStack() as stack:
+        with clock.phase("initialisation"):
+            config, mesh, sources = _set_up(config, devices)
+            saved_steps = _enable_compile_cache(config)
+            tx = make_optimizer(config.optim, config.train.steps)
+            target = train_state.state_target(config, mesh, tx)
+            ckpt = stack.enter_context(contextlib.closing(checkpoint.Checkpointer(
+                checkpoint.checkpoint_dir(config.run_dir), config.checkpoint, report=say)))
+            state, position, step_fn = _restore_while_compiling(config, mesh, tx, target, ckpt,
+                                                                clock, saved_steps)
+            batches = _training_batches(config, sources, position)
+            evaluator = Evaluator(config, mesh, train_state.shardings_of(target.params),
+                                  sources.heldout, say)
+        startup.done()
+        result = _train(config, mesh, step_fn, state, position, batches, ckpt, clock, evaluator)
+        waiting = time.perf_counter()
+        ckpt.wait()
+        clock.attribute("checkpoint blocking", time.perf_counter() - waiting)
+    clock.save_and_print(config.run_dir, say)
+    return result
+
+
+def _set_up(config: Config, devices: list[jax.Device] | None,
+            ) -> tuple[Config, jax.sharding.Mesh, data_input.DataSources]:
+    """The validated config with `auto` settings resolved for the mesh, the mesh, and the
+    data, each described in the log."""
     config = configs.validate(config)
     mesh = sharding.make_mesh(config.mesh, devices)
     platform = mesh.devices.flat[0].platform
@@ -103,53 +121,17 @@ def _run(config: Config, devices: list[jax.Device] | None,
             f"{split_off.get(source.name, 'no')} held-out rows of {seq_len} tokens")
     for source in sources.heldout if eval_path else ():
         say(f"data.eval_path {source.name}: {len(source.rows)} held-out rows of {seq_len} tokens")
+    return config, mesh, sources
 
-    saved_steps = None
-    if config.train.compile_cache:
-        cache_dir = config.train.compile_cache_dir or pathlib.Path(config.run_dir) / "compile_cache"
-        cache_dir = compile_cache.enable(cache_dir)
-        say(f"compilation cache: {cache_dir}")
-        if jax.process_count() == 1:
-            saved_steps = pathlib.Path(cache_dir) / "train_steps"
-    tx = make_optimizer(config.optim, config.train.steps)
-    target = train_state.state_target(config, mesh, tx)
-    ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(config.run_dir), config.checkpoint,
-                                   report=say)
-    try:
-        state, position, step_fn = _restore_while_compiling(config, mesh, tx, target, ckpt,
-                                                            clock, saved_steps)
-        start = int(state.step)
-        train_rows = (sources.train[0].rows if len(sources.train) == 1 else
-                      [(source.rows, source.weight) for source in sources.train])
-        dataset = data_input.train_dataset(
-            train_rows, seed=config.seed, global_batch=config.train.batch_size,
-            process_index=jax.process_index(), process_count=jax.process_count())
-        batches = data_input.train_iterator(dataset, config.data, position["next_index"])
-        clock.add("initialisation", time.perf_counter() - clock.started
-                  - clock.seconds["compilation"])
-        startup.done()
-        with Preemption() as preemption:
-            state, losses, seconds, waited = _train(config, mesh, step_fn, state, batches,
-                                                    ckpt, preemption)
-        loop_blocked = ckpt.blocked_seconds  # every save was inside the loop
-        waiting = time.perf_counter()
-        ckpt.wait()
-        clock.add("checkpoint blocking", loop_blocked + time.perf_counter() - waiting)
-        clock.add("data wait", waited)
-        clock.add("productive steps", max(0.0, seconds - waited - loop_blocked))
-    finally:
-        ckpt.close()
-    if preemption.stop_signal is not None:
-        say(f"stopped by signal {preemption.stop_signal} after step {int(state.step)}; "
-            f"checkpoint written, run again with run_dir={config.run_dir} to resume")
-        clock.save_and_print(config.run_dir, say)
-        return RunResult(state, start, int(state.step), losses, None, True, seconds, waited)
-    evaluating = time.perf_counter()
-    eval_loss = _evaluate(config, mesh, train_state.shardings_of(target.params), state.params,
-                          sources.heldout, int(state.step))
-    clock.add("evaluation", time.perf_counter() - evaluating)
-    clock.save_and_print(config.run_dir, say)
-    return RunResult(state, start, int(state.step), losses, eval_loss, False, seconds, waited)
+
+def _enable_compile_cache(config: Config) -> pathlib.Path | None:
+    """Turn on XLA's cache; the folder for whole saved steps (single-process runs), if any."""
+    if not config.train.compile_cache:
+        return None
+    cache_dir = config.train.compile_cache_dir or pathlib.Path(config.run_dir) / "compile_cache"
+    cache_dir = compile_cache.enable(cache_dir)
+    say(f"compilation cache: {cache_dir}")
+    return pathlib.Path(cache_dir) / "train_steps" if jax.process_count() == 1 else None
 
 
 def _check_fits(config: Config, mesh: jax.sharding.Mesh, tokenizer: Any) -> None:
@@ -166,19 +148,29 @@ def _check_fits(config: Config, mesh: jax.sharding.Mesh, tokenizer: Any) -> None
             + (f" times train.microbatches ({parts})" if parts > 1 else ""))
 
 
+def _training_batches(config: Config, sources: data_input.DataSources,
+                      position: DataPosition) -> Iterator[dict[str, Any]]:
+    """This process's batches from the data position on."""
+    train = sources.train
+    rows = train[0].rows if len(train) == 1 else [(s.rows, s.weight) for s in train]
+    dataset = data_input.train_dataset(
+        rows, seed=config.seed, global_batch=config.train.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    return data_input.train_iterator(dataset, config.data, position.next_index)
+
+
 def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
-                             target: train_state.TrainState, ckpt: checkpoint.Checkpointer,
+                             target: TrainState, ckpt: checkpoint.Checkpointer,
                              clock: Goodput, saved_steps: pathlib.Path | None,
-                             ) -> tuple[Any, dict[str, Any], Any]:
+                             ) -> tuple[TrainState, DataPosition, StepFn | None]:
     """State, data position and compiled step; restore and compilation overlap.
 
     Compiling needs only shapes and shardings, so a restarted run reads its
     checkpoint while XLA compiles (or loads the step from a cache).
     """
-    def compile_step():
-        compiling = time.perf_counter()
-        step = compile_train_step(config, mesh, tx, target, saved_steps, report=say)
-        clock.add("compilation", time.perf_counter() - compiling)
+    def compile_step() -> StepFn:
+        with clock.phase("compilation"):
+            step = compile_train_step(config, mesh, tx, target, saved_steps, report=say)
         source = {"compiled": "compiled", "compilation cache": "from the compilation cache",
                   "saved executable": "loaded as a saved executable (no tracing)"}[step.source]
         say(f"train step {source} in {step.seconds:.1f} s")
@@ -198,7 +190,7 @@ def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
 
 
 def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
-                     target: train_state.TrainState) -> tuple[Any, dict[str, Any]]:
+                     target: TrainState) -> tuple[TrainState, DataPosition]:
     """The latest checkpoint if the run directory has one, else a fresh state."""
     found = ckpt.newest_readable(ckpt.read_config, fallback=config.checkpoint.fallback)
     if found is not None:
@@ -214,123 +206,57 @@ def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
         restored = ckpt.restore_latest(target, config.checkpoint.fallback, newest=step)
         if restored is not None:
             say(f"resumed from checkpoint step {restored.step} in {ckpt.directory}")
-            return restored.state, restored.data_position
+            return restored.state, DataPosition.from_dict(restored.data_position)
     init = jax.jit(functools.partial(train_state.init_state, config, tx),
                    out_shardings=train_state.shardings_of(target))
-    return init(), {"next_index": 0}
+    return init(), DataPosition()
 
 
-def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: Any, state: Any,
-           batches: Any, ckpt: checkpoint.Checkpointer,
-           preemption: Preemption) -> tuple[Any, dict[int, float], float, float]:
-    """The step loop. Metrics of step k are fetched after step k+1 is dispatched."""
+def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: StepFn | None, state: TrainState,
+           position: DataPosition, batches: Iterator[dict[str, Any]],
+           ckpt: checkpoint.Checkpointer, clock: Goodput, evaluator: Evaluator) -> RunResult:
+    """The step loop; after each step its actions (log, save, evaluate) in turn."""
     start = int(state.step)
-    end = config.train.steps
-    if config.train.stop_after:
-        end = min(end, start + config.train.stop_after)
+    end = min(config.train.steps, start + (config.train.stop_after or config.train.steps))
+    result = RunResult(state, start, start, {}, None)
+    log = MetricsLog(config.run_dir)
     if start >= end:
         say(f"nothing to train: checkpoint is at step {start}, run ends at {end}")
-        return state, {}, 0.0, 0.0
-    saved_config = configs.to_dict(config)
-    log = MetricsLog(config.run_dir)
-    profiler = StepProfiler(config.profile, config.run_dir, start, end, report=say)
-    losses: dict[int, float] = {}
-    per_token = flops.flops_per_token(config.model, config.data.seq_len)
-    peak, peak_source = flops.peak_flops(list(mesh.devices.flat), config.model.dtype)
-    say(f"MFU: {per_token / 1e6:,.1f} MFLOP per token (train/flops.py) over a peak of "
-        f"{peak / 1e12:,.2f} TFLOP/s ({peak_source})")
-    started = time.perf_counter()
-    meter = _Meter(started, start, per_token, peak)
-    total_wait = 0.0
-    pending = None
+        with log, clock.phase("evaluation"):
+            result.eval_loss = evaluator.evaluate(start, state.params, log)
+        return result
+    meter = actions.Meter(time.perf_counter(), start)
     feed = DeviceFeed(batches, sharding.batch_sharding(mesh, config.mesh.rules),
-                      depth=config.data.device_prefetch, start=start)
+                      depth=config.data.device_prefetch, start=position)
+    profiler = StepProfiler(config.profile, config.run_dir, start, end, report=say)
     bar = _console.bar(start, end, show=jax.process_index() == 0)
-    with feed, log, profiler, bar as progress_bar:
-        for step in range(start, end):
-            profiler.before_step(step + 1, state)
-            waited = time.perf_counter()
-            batch, position = next(feed)
-            waited = time.perf_counter() - waited
-            meter.data_wait += waited
-            total_wait += waited
-            state, metrics = step_fn(state, batch)
-            profiler.after_step(step + 1, (state, metrics))
-            progress_bar.dispatched(step + 1, metrics["loss"])
-            if pending is not None:
-                _report(config, *pending, meter, losses, log)
-            pending = (step + 1, metrics)
-            stop = preemption.should_stop(step + 1)
-            last = stop or step + 1 == end
-            if last:  # the final figures do not wait for the final save
-                _report(config, *pending, meter, losses, log, force=True)
-            if last or ckpt.should_save(step + 1) or preemption.take_save_request():
-                meter.checkpoint_blocked += ckpt.save(step + 1, state, position, saved_config)
-            if last:
-                elapsed = time.perf_counter() - started
-            if stop:
-                break
-    return state, losses, elapsed, total_wait
-
-
-def _report(config: Config, step: int, metrics: dict[str, jax.Array], meter: _Meter,
-            losses: dict[int, float], log: MetricsLog, force: bool = False) -> None:
-    if not (force or step == 1 or step % config.train.log_every == 0):
-        return
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not math.isfinite(values["loss"]):
-        raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping the run")
-    losses[step] = values["loss"]
-    elapsed, steps, wait, blocked = meter.interval(step, time.perf_counter())
-    tokens = steps * config.train.batch_size * config.data.seq_len
-    record = {
-        "step": step, "loss": values["loss"], "lr": values["lr"],
-        "grad_norm": values["grad_norm"], "tokens_per_s": tokens / max(elapsed, 1e-9),
-        "mfu": tokens / max(elapsed, 1e-9) * meter.flops_per_token / meter.peak_flops,
-        "step_ms": 1e3 * elapsed / max(steps, 1), "data_wait_ms": 1e3 * wait / max(steps, 1),
-        "data_wait_pct": 100 * wait / max(elapsed, 1e-9), "checkpoint_blocked_ms": 1e3 * blocked}
-    log.write(record)
-    _console.update_bar(loss=record["loss"])
-    say(f"step {step:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-        f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
-        f"MFU {100 * record['mfu']:.1f}% | "
-        f"step {record['step_ms']:.1f} ms | data wait {record['data_wait_ms']:.2f} ms "
-        f"({record['data_wait_pct']:.1f}%) | ckpt blocked {record['checkpoint_blocked_ms']:.0f} ms")
-
-
-def _evaluate(config: Config, mesh: jax.sharding.Mesh, param_shardings: Any, params: Any,
-              sources: tuple[data_input.Source, ...], step: int) -> float | None:
-    """Held-out loss of each held-out source over up to train.eval_batches batches (-1: all
-    its rows); their weighted mean. None when nothing is held out."""
-    if config.train.eval_batches == 0 or not sources:
-        return None
-    batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
-
-    def step_fn(params, batch):
-        with sharding.use_rules(mesh, config.mesh.rules):
-            return eval_step(params, batch, cfg=config.model)
-
-    evaluate = jax.jit(step_fn, in_shardings=(param_shardings, batch_sharding))
-    losses = {}
-    for source in sources:
-        loss_sum = tokens = 0.0
-        for batch in data_input.eval_batches(source.rows, config.train.batch_size,
-                                             config.train.eval_batches):
-            # Every process reads the whole held-out batch; each device keeps its rows.
-            rows = sharding.to_global(batch, batch_sharding, whole=True)
-            out = jax.device_get(evaluate(params, rows))
-            loss_sum += float(out["loss_sum"])
-            tokens += float(out["tokens"])
-        if tokens:
-            losses[source.name] = (loss_sum / tokens, source.weight, tokens)
-    if not losses:
-        return None
-    with MetricsLog(config.run_dir) as log:
-        for name, (loss, _, tokens) in losses.items():
-            log.write({"step": step, "dataset": name, "eval_loss": loss,
-                       "eval_perplexity": math.exp(min(loss, 50)), "eval_tokens": tokens})
-            prefix = "eval:" if len(sources) == 1 else f"eval {name}:"
-            say(f"{prefix} held-out loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f} "
-                f"| {int(tokens):,} tokens")
-    total = sum(weight for _, weight, _ in losses.values())
-    return sum(loss * weight for loss, weight, _ in losses.values()) / total
+    with Preemption() as preemption, feed, log, profiler, bar as progress_bar:
+        logger = actions.Logger(config, mesh, meter, log, _console, say)
+        evaluating = actions.Evaluating(config, evaluator, clock, log, _console)
+        after_step = [logger, actions.Saver(config, ckpt, preemption, clock, meter), evaluating]
+        with clock.phase("productive steps") as loop:
+            for step in range(start + 1, end + 1):
+                profiler.before_step(step, state)
+                with clock.phase("data wait") as waited:
+                    batch, position = next(feed)
+                meter.data_wait += waited.seconds
+                result.data_wait_seconds += waited.seconds
+                state, metrics = step_fn(state, batch)
+                profiler.after_step(step, (state, metrics))
+                progress_bar.dispatched(step, metrics["loss"])
+                stop = preemption.should_stop(step)
+                done = actions.StepDone(step, state, metrics, position,
+                                        last=stop or step == end, preempted=stop)
+                for action in after_step:
+                    action(done)
+                if done.last:
+                    break
+    if done.preempted:
+        cause = (f"signal {preemption.stop_signal}" if preemption.stop_signal is not None
+                 else "a preemption notice")
+        say(f"stopped by {cause} after step {done.step}; checkpoint written, run again with "
+            f"run_dir={config.run_dir} to resume")
+    result.state, result.final_step, result.preempted = state, done.step, done.preempted
+    result.losses, result.eval_loss = logger.losses, evaluating.latest
+    result.train_seconds = loop.seconds + loop.nested - evaluating.seconds
+    return result

@@ -53,6 +53,8 @@ class StepBar:
     """Clock reading when `step` finished: the rate does not decay while nothing runs."""
     loss: float | None = None
     """Loss of the last logged step."""
+    eval_loss: float | None = None
+    """The latest held-out loss."""
 
     def __post_init__(self) -> None:
         self.step, self.at = self.first, self.started
@@ -68,6 +70,8 @@ class StepBar:
                  f"ETA {format_duration(eta_seconds(done, left, elapsed))}"]
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
+        if self.eval_loss is not None:
+            parts.append(f"held-out {self.eval_loss:.4f}")
         return " | ".join(parts)[:max(columns - 1, 0)]  # a wrapped line cannot be redrawn
 
 
@@ -125,7 +129,8 @@ class Console:
             self._draw()
             self.stream.flush()
 
-    def update_bar(self, step: int | None = None, loss: float | None = None) -> None:
+    def update_bar(self, step: int | None = None, loss: float | None = None,
+                   eval_loss: float | None = None) -> None:
         """Record progress; redrawn at most every min_redraw_s, and always at the last step."""
         with self._lock:
             if self._bar is None:
@@ -134,6 +139,8 @@ class Console:
                 self._bar.step, self._bar.at = step, self._clock()
             if loss is not None:
                 self._bar.loss = loss
+            if eval_loss is not None:
+                self._bar.eval_loss = eval_loss
             due = self._clock() - self._drawn_at >= self._min_redraw_s
             if due or self._bar.step == self._bar.end:
                 self._draw()
