@@ -45,11 +45,11 @@ import tensorstore as ts  # noqa: E402
 
 import configs  # noqa: E402
 from checkpoint import Checkpointer  # noqa: E402
-from sharding import make_mesh  # noqa: E402
+from sharding import make_mesh, shardings_of  # noqa: E402
 from train import metrics_log, run  # noqa: E402
 from train.collector import StartUp  # noqa: E402
 from train.optimizer import make_optimizer  # noqa: E402
-from train.state import init_state, shardings_of, state_target  # noqa: E402
+from train.state import init_state, state_target  # noqa: E402
 
 BIG_MODEL = ["model.vocab_size=32000", "model.embed_dim=640", "model.num_layers=10",
              "model.num_heads=10", "model.num_kv_heads=10", "model.head_dim=64",

@@ -92,12 +92,12 @@ class Ours:
         tx = make_optimizer(self.config.optim, self.config.train.steps)
         target = train_state.state_target(self.config, self.mesh, tx)
         self.state = jax.jit(functools.partial(train_state.init_state, self.config, tx),
-                             out_shardings=train_state.shardings_of(target))()
+                             out_shardings=sharding.shardings_of(target))()
         compiled = compile_train_step(self.config, self.mesh, tx, target, report=lambda _: None)
         self.step_fn, self.compile_seconds = compiled.fn, compiled.seconds
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.config.mesh.rules)
         self.evaluate_fn = jax.jit(self._eval_step, in_shardings=(
-            train_state.shardings_of(target.params), self.batch_sharding))
+            sharding.shardings_of(target.params), self.batch_sharding))
 
     def _eval_step(self, params, batch):
         with sharding.use_rules(self.mesh, self.config.mesh.rules):

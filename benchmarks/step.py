@@ -39,7 +39,7 @@ import sharding  # noqa: E402
 from train import flops  # noqa: E402
 from train.compiled import compile_train_step  # noqa: E402
 from train.optimizer import make_optimizer  # noqa: E402
-from train.state import init_state, shardings_of, state_target  # noqa: E402
+from train.state import init_state, state_target  # noqa: E402
 
 # Layout name -> (devices, mesh overrides).
 LAYOUTS = {
@@ -58,7 +58,7 @@ def time_step(config: configs.Config, devices: list[jax.Device], steps: int) -> 
     tx = make_optimizer(config.optim, config.train.steps)
     target = state_target(config, mesh, tx)
     state = jax.jit(functools.partial(init_state, config, tx),
-                    out_shardings=shardings_of(target))()
+                    out_shardings=sharding.shardings_of(target))()
     compiled = compile_train_step(config, mesh, tx, target)
     batch = random_batch(config, sharding.batch_sharding(mesh, config.mesh.rules))
     for _ in range(2):  # warm-up

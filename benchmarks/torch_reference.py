@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import transformers
 
-from checkpoint.hf_format import hf_config, params_to_hf, rules
 from configs.schema import Config
+from hf.format import hf_config, params_to_hf, rules
 from train.optimizer import decays, lr_schedule
 
 Batch = dict[str, np.ndarray]

@@ -1,24 +1,23 @@
-"""`python -m checkpoint.inspect RUN_DIR [--config PRESET_OR_FILE] [key=value ...]`.
+"""`python -m checkpoint.inspect RUN_DIR [--verify] [--config PRESET_OR_FILE] [key=value ...]`.
 
 Lists the run's checkpoints (step, size on disk, complete or not, checksums)
 and the config diff between the latest complete one and the current config,
-resolved exactly as `python -m train` would resolve it.
+resolved exactly as `python -m train` would resolve it. With `--verify`, every
+file of every complete step is read and checked against its checksum ("ok" or
+the damage found); without, the column says whether checksums were recorded.
+This is the tool for people; code reads checkpoints through `checkpoint.reader`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import pathlib
 import sys
 
-import orbax.checkpoint as ocp
-
 import configs
-from checkpoint import integrity
+from checkpoint import integrity, reader
 from checkpoint.compat import config_diff
-from checkpoint.manager import TMP_SUFFIX, checkpoint_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,49 +26,33 @@ class StepInfo:
     path: pathlib.Path
     size_bytes: int
     complete: bool
-    integrity: str  # "ok", "unverified", "incomplete" or the damage found
+    integrity: str  # "ok", "recorded", "unverified", "incomplete" or the damage found
 
 
 def _size(path: pathlib.Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _integrity(path: pathlib.Path, step: int, complete: bool) -> str:
-    if not complete:
+def _integrity(found: reader.StepDir, verify: bool) -> str:
+    """The checksum column: checking reads every file of the step, so only on request."""
+    if not found.complete:
         return "incomplete"
-    if not integrity.has_checksums(path):
+    if not integrity.has_checksums(found.path):
         return "unverified"
+    if not verify:
+        return "recorded"
     try:
-        integrity.verify(path, step)
+        integrity.verify(found.path, found.step)
     except integrity.DamagedCheckpointError as e:
         return f"DAMAGED: {e}"
     return "ok"
 
 
-def list_steps(checkpoint_dir: pathlib.Path) -> list[StepInfo]:
-    """Every step directory, finished or still (or forever) being written."""
-    infos = []
-    for path in checkpoint_dir.iterdir() if checkpoint_dir.is_dir() else []:
-        name, complete = path.name, True
-        if TMP_SUFFIX in name:
-            name, complete = name.split(TMP_SUFFIX)[0], False
-        if path.is_dir() and name.isdigit():
-            step = int(name)
-            infos.append(StepInfo(step, path, _size(path), complete,
-                                  _integrity(path, step, complete)))
-    return sorted(infos, key=lambda info: (info.step, info.complete))
-
-
-def saved_config(checkpoint_dir: pathlib.Path, step: int) -> dict:
-    logging.getLogger("absl").setLevel(logging.ERROR)  # read-only mode warns about itself
-    manager = ocp.CheckpointManager(
-        checkpoint_dir, options=ocp.CheckpointManagerOptions(read_only=True),
-        item_names=("config",))
-    try:
-        args = ocp.args.Composite(config=ocp.args.JsonRestore())
-        return dict(manager.restore(step, args=args).config)
-    finally:
-        manager.close()
+def list_steps(checkpoint_dir: pathlib.Path, verify: bool = False) -> list[StepInfo]:
+    """Every step directory, finished or still (or forever) being written; with `verify`,
+    each complete step's files checked against their checksums."""
+    return [StepInfo(found.step, found.path, _size(found.path), found.complete,
+                     _integrity(found, verify)) for found in reader.step_dirs(checkpoint_dir)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,10 +60,13 @@ def main(argv: list[str] | None = None) -> int:
                                      description="List a run's checkpoints.")
     parser.add_argument("run_dir")
     parser.add_argument("--config", default=None, help="preset or JSON file to compare with")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every file of every complete step against its checksum "
+                             "(reads all of them)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    directory = checkpoint_dir(args.run_dir)
-    infos = list_steps(directory)
+    args = parser.parse_intermixed_args(argv)  # options may follow RUN_DIR, as documented
+    directory = reader.checkpoint_dir(args.run_dir)
+    infos = list_steps(directory, args.verify)
     if not infos:
         print(f"no checkpoints in {directory}", file=sys.stderr)
         return 1
@@ -97,10 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        saved = saved_config(directory, complete[-1])
-    except Exception as e:  # Orbax and its JSON reader raise many types
-        print(f"\nconfig of step {complete[-1]} could not be read: {str(e)[:300]}",
-              file=sys.stderr)
+        saved = reader.saved_config(directory, complete[-1])
+    except reader.CheckpointError as e:
+        print(f"\nconfig of step {complete[-1]} could not be read: {e}", file=sys.stderr)
         return 1
     diff = config_diff(saved, configs.to_dict(current))
     print(f"\nconfig of step {complete[-1]} vs the current config:")

@@ -2,16 +2,15 @@
 
 Orbax writes a step into a temporary directory and renames it into place only
 when complete, so a process killed mid-write never leaves a "latest" step that
-is half written. After the rename we add checksums (see `integrity`).
+is half written. After the rename we add checksums (see `integrity`). What only
+reads checkpoints (steps, saved configs, parameters) is in `reader`.
 """
 
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
 import dataclasses
-import gc
 import os
 import pathlib
 import re
@@ -25,21 +24,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from checkpoint import aftermath, integrity
+from checkpoint import aftermath, integrity, reader
+from checkpoint.reader import TMP_SUFFIX, CheckpointError, verified_restore
 from configs.schema import CheckpointConfig
 
-SUBDIR = "checkpoints"  # a run's checkpoints live in <run_dir>/checkpoints
-TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step still being written
 T = TypeVar("T")
-
-
-def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
-    """Where the checkpoints of the run in `run_dir` are kept."""
-    return pathlib.Path(run_dir).absolute() / SUBDIR
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used with the current run."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,19 +190,8 @@ class Checkpointer:
         return None
 
     def read_config(self, step: int) -> dict[str, Any]:
-        """Only the resolved config saved with a step, its files checked first."""
-        step_dir = self.directory / str(step)
-        try:
-            if integrity.has_checksums(step_dir):
-                integrity.verify(step_dir, step, under="config/")
-        except integrity.DamagedCheckpointError as e:
-            raise CheckpointError(str(e)) from e
-        args = ocp.args.Composite(config=ocp.args.JsonRestore())
-        try:
-            return dict(self._manager.restore(step, args=args).config)
-        except Exception as e:  # a step without checksums: Orbax's or the JSON reader's error
-            raise CheckpointError(f"checkpoint step {step} in {self.directory}: its saved "
-                                  f"config could not be read ({str(e)[:300]})") from e
+        """Only the resolved config saved with a step (see `reader.saved_config`)."""
+        return reader.saved_config(self.directory, step)
 
     def wait(self) -> None:
         """Block until background writes have finished."""
@@ -286,78 +264,3 @@ def _state_handler(compress: bool) -> ocp.PyTreeCheckpointHandler:
         (np.ndarray, handlers.NumpyHandler()), (str, handlers.StringHandler()),
         (jax.Array, handlers.ArrayHandler(use_replica_parallel=False)))
     return ocp.PyTreeCheckpointHandler(use_compression=compress, type_handler_registry=registry)
-
-
-def verify_step(directory: pathlib.Path, step: int, report: Callable[[str], None]) -> None:
-    """CheckpointError naming the step and file unless the step's files match its checksums."""
-    step_dir = directory / str(step)
-    if not integrity.has_checksums(step_dir):
-        report(f"warning: checkpoint step {step} has no checksums; not verified")
-        return
-    try:
-        integrity.verify(step_dir, step)
-    except integrity.DamagedCheckpointError as e:
-        raise CheckpointError(str(e)) from e
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for the block, then as it was.
-
-    A restore makes many short-lived objects (Orbax's futures and tasks, a set per
-    shard) and keeps almost none, yet they trigger collections that scan what the
-    process holds, JAX's objects included: restoring the 1.1 GB state of
-    benchmarks/checkpoint.py ran 157 young, 14 middle and 1 full collection. Pausing
-    the collector took that restore from 1.11 s to 0.85 s (medians of 6 alternated
-    pairs); a paused restore left 122 unreachable objects. (`train.run` restores
-    inside its start-up, where the collector is paused already.)
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def verified_restore(directory: pathlib.Path, step: int, report: Callable[[str], None],
-                     restore: Callable[[], Any], what: str = "checkpoint") -> Any:
-    """`restore()` of step `step`, its files checked against their checksums meanwhile.
-
-    Both read the same files, so whichever comes second finds them in the page
-    cache: the check costs no second read from disk. A damaged file explains a
-    failed restore best, so its error is the one raised, once: the tracebacks a failed
-    restore would print later are dropped (`aftermath`).
-    """
-    aftermath.quiet(directory)
-    with collector_paused(), \
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify") as pool:
-        verified = pool.submit(verify_step, directory, step, report)
-        try:
-            restored = restore()
-        except Exception as e:  # Orbax and TensorStore raise many types; name the step.
-            verified.result()
-            raise CheckpointError(f"{what} step {step} in {directory} could not be restored: "
-                                  f"{str(e)[:500]}") from e
-        verified.result()
-    return restored
-
-
-def restore_params(directory: str | pathlib.Path, step: int, target: Any) -> Any:
-    """Only the parameters of a step (no optimizer state is read), into `target`'s shardings."""
-    directory = pathlib.Path(directory).absolute()
-    manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True), item_names=("state",))
-    item = {"params": target}
-    args = ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True)
-    def read() -> Any:
-        return manager.restore(step, args=ocp.args.Composite(state=args))
-
-    try:
-        restored = verified_restore(directory, step, print, read, what="parameters of checkpoint")
-    finally:
-        manager.close()
-    return restored.state["params"]

@@ -12,10 +12,8 @@ import checkpoint
 import configs
 import model
 import sharding
-from checkpoint.inspect import list_steps, saved_config
 from configs.resolve import apply_overrides
 from configs.schema import Config, MeshConfig
-from train.state import with_shardings
 
 
 @dataclasses.dataclass
@@ -34,15 +32,8 @@ def load(run_dir: str | pathlib.Path, step: int | None = None,
     unless `overrides` (e.g. `mesh.tensor=2`) say otherwise.
     """
     directory = checkpoint.checkpoint_dir(run_dir)
-    complete = [info.step for info in list_steps(directory) if info.complete]
-    if not complete:
-        raise checkpoint.CheckpointError(f"no complete checkpoint in {directory}")
-    if step is None:
-        step = complete[-1]
-    elif step not in complete:
-        raise checkpoint.CheckpointError(
-            f"no complete checkpoint step {step} in {directory}; complete steps: {complete}")
-    config = configs.from_dict(saved_config(directory, step))
+    step = checkpoint.latest_complete_step(directory, step)
+    config = configs.from_dict(checkpoint.saved_config(directory, step))
     config = dataclasses.replace(config, mesh=MeshConfig(rules=config.mesh.rules))
     config = configs.validate(apply_overrides(config, list(overrides)))
     mesh = sharding.make_mesh(config.mesh)
@@ -51,5 +42,5 @@ def load(run_dir: str | pathlib.Path, step: int | None = None,
     shapes = model.abstract_params(config.model)
     shardings = sharding.tree_shardings(mesh, model.logical_axes(config.model), shapes,
                                         config.mesh.rules)
-    target = with_shardings(shapes, shardings)
+    target = sharding.with_shardings(shapes, shardings)
     return Loaded(config, checkpoint.restore_params(directory, step, target), step, mesh)

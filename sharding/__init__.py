@@ -10,8 +10,10 @@ from sharding.rules import (
     tree_shardings,
     use_rules,
 )
+from sharding.trees import shardings_of, with_shardings
 
 __all__ = [
     "MeshError", "active_mesh", "batch_sharding", "batch_ways", "constrain", "logical_to_spec",
-    "make_mesh", "mesh_shape", "named_sharding", "to_global", "tree_shardings", "use_rules",
+    "make_mesh", "mesh_shape", "named_sharding", "shardings_of", "to_global", "tree_shardings",
+    "use_rules", "with_shardings",
 ]

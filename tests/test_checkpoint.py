@@ -1,14 +1,30 @@
+import ast
+import pathlib
+import re
+
 import jax
 import numpy as np
 import pytest
 
 import configs
-from checkpoint import Checkpointer, CheckpointError, config_diff
-from conftest import tiny_config
-from sharding import make_mesh
+from checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    checkpoint_dir,
+    complete_steps,
+    config_diff,
+    integrity,
+    latest_complete_step,
+    reader,
+    restore_params,
+    saved_config,
+)
+from checkpoint.inspect import main as inspect_main
+from conftest import TINY_OVERRIDES, tiny_config
+from sharding import make_mesh, with_shardings
 from train import run
 from train.optimizer import make_optimizer
-from train.state import abstract_state, init_state, state_shardings, with_shardings
+from train.state import abstract_state, init_state, state_shardings
 
 
 def _state(config, devices=None):
@@ -19,6 +35,7 @@ def _state(config, devices=None):
     return state, tx, shardings
 
 
+@pytest.mark.slow
 def test_state_written_on_fsdp8_restores_onto_other_meshes(tmp_path):
     written = tiny_config("mesh.data=1", "mesh.fsdp=8", "model.embed_dim=64")
     state, tx, _ = _state(written)
@@ -47,6 +64,7 @@ def test_config_diff_names_each_differing_field():
         "model.num_layers: checkpoint 2, config 3", "train.steps: checkpoint 6, config 9"]
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_model_is_refused_naming_fields(tmp_path):
     run(tiny_config(f"run_dir={tmp_path}", "train.steps=2", "train.eval_batches=0"))
     changed = tiny_config(f"run_dir={tmp_path}", "train.steps=4", "model.mlp_dim=96")
@@ -72,7 +90,7 @@ def test_compute_settings_and_fields_added_later_do_not_block_a_restore():
 def test_restore_pauses_the_collector_and_restores_it_even_when_it_fails(tmp_path, enabled):
     import gc
 
-    from checkpoint.manager import verified_restore
+    from checkpoint.reader import verified_restore
 
     seen = []
 
@@ -102,7 +120,7 @@ def test_a_failed_restore_or_save_leaves_no_tracebacks_behind_but_other_errors_s
     import sys
     import types
 
-    from checkpoint.manager import verified_restore
+    from checkpoint.reader import verified_restore
 
     shown = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: shown.append(
@@ -167,3 +185,100 @@ def test_a_failed_restore_or_save_leaves_no_tracebacks_behind_but_other_errors_s
     failed_here = logged("Save Finalize thread failed.", ours, absl_log)  # Orbax's own log
     failed_elsewhere = logged("Save Finalize thread failed.", elsewhere, absl_log)
     assert failed_here.exc_info is None and failed_elsewhere.exc_info[1] is elsewhere
+
+
+def _two_saved_steps(run_dir):
+    """Steps 1 and 2 of the tiny config, checksummed, in `run_dir`'s checkpoint directory."""
+    config = tiny_config(f"run_dir={run_dir}")
+    state, tx, shardings = _state(config)
+    ckpt = Checkpointer(checkpoint_dir(run_dir), config.checkpoint, report=lambda _: None)
+    for step in (1, 2):
+        ckpt.save(step, state, {"next_index": step}, configs.to_dict(config))
+    ckpt.wait()
+    ckpt.close()
+    return config, with_shardings(abstract_state(config, tx), shardings)
+
+
+def _flip_a_byte_of_the_largest_array_file(step_dir):
+    files = sorted((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+                   key=lambda p: p.stat().st_size)
+    data = bytearray(files[-1].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    files[-1].write_bytes(bytes(data))
+    return files[-1]
+
+
+def _record_checksummed_files(monkeypatch):
+    """The files whose CRC32 is computed from here on, in a list that grows."""
+    checked, crc32 = [], integrity._crc32
+    monkeypatch.setattr(integrity, "_crc32", lambda path: checked.append(path) or crc32(path))
+    return checked
+
+
+def _items(directory, paths):
+    """The item (state, config, data) each file of a step belongs to."""
+    return {path.relative_to(directory).parts[1] for path in paths}
+
+
+def test_latest_step_and_its_config_are_found_without_reading_array_files(
+        tmp_path, monkeypatch):
+    config, target = _two_saved_steps(tmp_path)
+    directory = checkpoint_dir(tmp_path)
+    damaged = {step: _flip_a_byte_of_the_largest_array_file(directory / str(step))
+               for step in (1, 2)}
+    (directory / "3.orbax-checkpoint-tmp-7").mkdir()  # a step still being written
+    checked = _record_checksummed_files(monkeypatch)
+
+    assert [(s.step, s.complete) for s in reader.step_dirs(directory)] == [
+        (1, True), (2, True), (3, False)]
+    assert complete_steps(directory) == [1, 2]
+    assert latest_complete_step(directory) == 2 and latest_complete_step(directory, 1) == 1
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"no complete checkpoint step 3 in {directory}; complete steps: [1, 2]")):
+        latest_complete_step(directory, 3)
+    assert saved_config(directory, 2) == configs.to_dict(config)
+    ckpt = Checkpointer(directory, config.checkpoint, report=lambda _: None)
+    assert ckpt.read_config(1) == configs.to_dict(config)
+    ckpt.close()
+    assert checked and _items(directory, checked) == {"config"}  # a few kB, never the arrays
+
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"checkpoint step 2: file {damaged[2]} fails its CRC32 checksum (corrupted)")):
+        restore_params(directory, 2, target.params)
+    assert "state" in _items(directory, checked)
+
+
+def test_inspect_checksums_every_file_only_with_verify(tmp_path, monkeypatch, capsys):
+    _two_saved_steps(tmp_path)
+    directory = checkpoint_dir(tmp_path)
+    damaged = _flip_a_byte_of_the_largest_array_file(directory / "1")
+    checked = _record_checksummed_files(monkeypatch)
+
+    def rows(*args):
+        assert inspect_main([str(tmp_path), *args, *TINY_OVERRIDES]) == 0
+        out = capsys.readouterr().out
+        return out, [(r[0], r[3], " ".join(r[4:])) for r in map(str.split, out.splitlines())
+                     if r and r[0].isdigit()]
+
+    _, listed = rows()
+    assert listed == [("1", "complete", "recorded"), ("2", "complete", "recorded")]
+    assert _items(directory, checked) == {"config"}  # the latest step's, for the diff
+    out, listed = rows("--verify")
+    assert listed[1] == ("2", "complete", "ok")
+    assert (f"DAMAGED: checkpoint step 1: file {damaged} fails its CRC32 checksum "
+            "(corrupted)") in out
+    assert {"config", "state", "data"} <= _items(directory, checked)
+
+
+def test_checkpoint_imports_no_package_that_uses_it():
+    """checkpoint/ sits below train/, generate/ and hf/, which read and write through it
+    (STYLE.md: a package does not import the package that uses it)."""
+    package = pathlib.Path(__file__).parent.parent / "checkpoint"
+    above = {"train", "hf", "generate"}
+    found = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{path.name}: {name}" for name in names if name.split(".")[0] in above]
+    assert not found

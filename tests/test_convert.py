@@ -11,10 +11,10 @@ import pytest
 
 import configs
 import model
-from checkpoint.convert import from_hf, main
-from checkpoint.hf_format import ConversionError, hf_config
 from generate import load
 from generate.__main__ import main as generate_main
+from hf.convert import from_hf, main
+from hf.format import ConversionError, hf_config
 from input.tokenizer import train_bpe
 from train import run
 
@@ -83,9 +83,9 @@ def _host(params) -> dict:
 
 @pytest.mark.parametrize("family, tied, shard, overrides", [
     ("gpt2", True, None, []),
-    ("gpt2", False, "40KB", []),
+    pytest.param("gpt2", False, "40KB", [], marks=pytest.mark.slow),
     ("llama", False, "40KB", []),
-    ("llama", True, None, ["model.scan_layers=true"]),
+    pytest.param("llama", True, None, ["model.scan_layers=true"], marks=pytest.mark.slow),
 ])
 def test_converted_model_gives_the_transformers_logits(tmp_path, family, tied, shard, overrides):
     hf_model = _hf_model(family, tied)
@@ -214,6 +214,7 @@ def test_overrides_may_not_change_the_model_shape(tmp_path):
         from_hf(tmp_path, tmp_path / "run", ["model.num_layers=3"])
 
 
+@pytest.mark.slow
 def test_converted_run_samples_and_fine_tunes_with_its_tokenizer(tmp_path, capsys):
     hf_dir = _save(_hf_model("llama", tied=False), tmp_path / "hf")
     docs = ["The quick brown fox jumps over the lazy dog. " * 4, "Lists in Python are " * 6]

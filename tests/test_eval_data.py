@@ -129,6 +129,7 @@ def test_prepared_eval_path_checksums_follow_verify_checksums(tmp_path):
     assert len(unchecked.heldout[0].rows.stream) == len(token_stream(EVAL_DOCS, TOKENIZER))
 
 
+@pytest.mark.slow
 def test_run_evaluates_every_row_of_eval_path(tmp_path, capsys):
     eval_txt = tmp_path / "eval.txt"
     text = "held-out text of its own. " * 20

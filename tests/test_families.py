@@ -52,7 +52,7 @@ def test_gpt2_has_its_own_layers_and_ties_its_embeddings():
     assert set(llama["attn_norm"]) == {"scale"} and "w_gate_DxF" in llama["mlp"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_each_family_is_causal_and_respects_documents(family):
     cfg = tiny_config(f"model.family={family}").model
     forward = jax.jit(lambda p, t, pos, seg: model.merge(cfg, p)(t, pos, seg))
@@ -78,6 +78,7 @@ def _qkv(batch=2, length=128, heads=4, groups=2, head_dim=16):
     return q, k, v, segments
 
 
+@pytest.mark.slow
 def test_dot_product_attention_path_matches_xla_with_segments():
     # The cuDNN kernel needs an NVIDIA GPU; its jax.nn reference checks our mask handling.
     q, k, v, segments = _qkv()
@@ -186,6 +187,7 @@ def _loss_and_grads(cfg, params, batch):
     return loss, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_scan_and_remat_give_the_same_loss_and_gradients(family):
     base = tiny_config(f"model.family={family}", "model.tie_embeddings=true").model
@@ -207,6 +209,7 @@ def test_scan_and_remat_give_the_same_loss_and_gradients(family):
                  model.unstack_layers(scan_grads), grads)
 
 
+@pytest.mark.slow
 def test_fused_loss_equals_the_loss_over_whole_logits():
     cfg = tiny_config().model
     params = _params(cfg)
@@ -223,6 +226,7 @@ def test_fused_loss_equals_the_loss_over_whole_logits():
     np.testing.assert_allclose(eval_loss, loss, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters_and_a_close_loss():
     cfg32 = tiny_config("model.dtype=float32").model
     cfg16 = tiny_config("model.dtype=bfloat16").model

@@ -43,7 +43,8 @@ def _greedy_by_recomputing(cfg, params, prompt, steps):
     return new
 
 
-@pytest.mark.parametrize("family, scan", [("llama", False), ("gpt2", True)])
+@pytest.mark.parametrize("family, scan", [
+    ("llama", False), pytest.param("gpt2", True, marks=pytest.mark.slow)])
 def test_cached_greedy_decoding_equals_recomputing_the_sequence(family, scan):
     cfg = configs.resolve_auto(tiny_config(f"model.family={family}",
                                            f"model.scan_layers={scan}").model, "cpu")
@@ -79,6 +80,7 @@ def test_decoding_stops_when_every_row_has_ended():
     assert new_BxN[1].tolist() == [65] * 6 + [eos] * 14
 
 
+@pytest.mark.slow
 def test_sampling_options():
     cfg = configs.resolve_auto(tiny_config().model, "cpu")
     params = _params(cfg)
@@ -94,6 +96,7 @@ def test_sampling_options():
     assert other.token_ids != first and first != greedy
 
 
+@pytest.mark.slow
 def test_sharded_generation_pads_the_batch_and_matches_one_device():
     config = tiny_config("mesh.data=8")
     cfg = configs.resolve_auto(config.model, "cpu")
@@ -113,6 +116,7 @@ def trained_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_int8_weights_are_smaller_and_sample_the_same_tokens(trained_run):
     loaded = load(trained_run)
     cfg = loaded.config.model
@@ -129,6 +133,7 @@ def test_int8_weights_are_smaller_and_sample_the_same_tokens(trained_run):
     assert any(len(ids) == 20 for ids in full.token_ids)
 
 
+@pytest.mark.slow
 def test_cli_prints_the_continuation_and_names_bad_input(trained_run, tmp_path, capsys):
     assert generate_main([str(trained_run), "--prompt", "The ", "--max-new-tokens", "5",
                           "--temperature", "0", "--quantize", "int8"]) == 0

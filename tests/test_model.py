@@ -44,8 +44,11 @@ def _first_loss(cfg, rows: int = 4, length: int = 256) -> float:
     return float(jax.jit(loss)())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("tied", [False, True])
+# One case in the fast tier; all four in the full suite.
+@pytest.mark.parametrize("family, tied", [
+    ("gpt2", True), pytest.param("gpt2", False, marks=pytest.mark.slow),
+    pytest.param("llama", False, marks=pytest.mark.slow),
+    pytest.param("llama", True, marks=pytest.mark.slow)])
 def test_first_loss_of_each_family_tied_or_not_is_near_log_vocab(family, tied):
     cfg = tiny_config(f"model.family={family}", f"model.tie_embeddings={str(tied).lower()}",
                       "model.vocab_size=258").model
@@ -69,7 +72,7 @@ def test_first_loss_of_every_preset_is_within_0_2_of_log_vocab(preset, layers):
     assert abs(loss - math.log(cfg.vocab_size)) < 0.2
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_initial_weights_have_the_configured_stds(family):
     cfg = configs.derive_model(tiny_config(
         f"model.family={family}", "model.bias=true", "model.embed_dim=64", "model.head_dim=16",

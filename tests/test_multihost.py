@@ -74,6 +74,7 @@ def _train_two_processes(run_dir, tmp_path) -> None:
         for i, (code, out) in enumerate(zip(codes, outputs, strict=True)))
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_checkpoint_what_one_process_does(tmp_path):
     multi_dir = tmp_path / "two_processes"
     _train_two_processes(multi_dir, tmp_path)

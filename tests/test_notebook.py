@@ -5,6 +5,7 @@ import pathlib
 import re
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -29,6 +30,7 @@ def _printed(text: str, label: str) -> str:
     return ast.literal_eval(re.search(rf"^{re.escape(label)} +(.*)$", text, re.M).group(1))
 
 
+@pytest.mark.slow
 def test_quickstart_trains_resumes_plots_restores_and_samples(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's run dir, cleaned up by pytest
     notebook = nbformat.read(NOTEBOOK, as_version=4)

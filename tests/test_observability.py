@@ -118,7 +118,7 @@ def test_bar_moves_when_a_step_has_finished_not_when_it_was_dispatched():
     assert "2/4" in stream.getvalue()  # leaving the block waits for the steps dispatched
 
 
-@pytest.mark.parametrize("tty", [True, False])
+@pytest.mark.parametrize("tty", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_run_prints_log_lines_whole_with_a_bar_only_on_a_terminal(tmp_path, monkeypatch, tty):
     stream = FakeStream(tty)
     monkeypatch.setattr(sys, "stdout", stream)
@@ -212,6 +212,7 @@ def _step_executions(trace_events: list[dict]) -> int:
                and e["name"].endswith("(jit_step_fn)"))
 
 
+@pytest.mark.slow
 def test_profile_traces_exactly_the_chosen_steps_and_not_again_after_resume(tmp_path, capsys):
     common = ("profile.start_step=2", "profile.steps=2", "train.eval_batches=0",
               f"run_dir={tmp_path}")

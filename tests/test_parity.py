@@ -31,6 +31,7 @@ def _train_batches(config, count: int) -> list[dict[str, np.ndarray]]:
 
 @pytest.mark.parametrize("family, tied", [("gpt2", True), ("gpt2", False), ("llama", False),
                                           ("llama", True)])
+@pytest.mark.slow
 def test_losses_of_20_steps_match_transformers_and_torch_adamw(tmp_path, family, tied):
     config = tiny_config(
         f"model.family={family}", f"model.tie_embeddings={str(tied).lower()}",

@@ -132,6 +132,7 @@ def test_bad_sources_are_named_and_bad_lines_counted(tmp_path):
         prepare([str(src)], tmp_path / "out3", workers=1, report=_quiet)
 
 
+@pytest.mark.slow
 def test_prepare_cli_reports_progress_and_trains(tmp_path):
     src = _sources(tmp_path)
     repo = str(pathlib.Path(__file__).resolve().parent.parent)
@@ -153,6 +154,7 @@ def test_prepare_cli_reports_progress_and_trains(tmp_path):
     assert "eval: held-out loss" in trained.stdout
 
 
+@pytest.mark.slow
 def test_trained_bpe_tokenizer_prepares_resumes_and_trains(tmp_path):
     src = _sources(tmp_path)
     out = tmp_path / "out"
@@ -242,6 +244,7 @@ def test_parquet_column_is_read_by_row_group(tmp_path):
         prepare([str(src)], tmp_path / "out2", workers=1, report=_quiet)
 
 
+@pytest.mark.slow
 def test_prepared_stream_pickles_as_paths_for_worker_processes(tmp_path):
     import pickle
 
@@ -258,6 +261,7 @@ def test_prepared_stream_pickles_as_paths_for_worker_processes(tmp_path):
     assert workers.losses == threads.losses
 
 
+@pytest.mark.slow
 def test_prepare_killed_mid_run_resumes_byte_identical(tmp_path):
     """A real kill -9 of `python -m input.prepare` after its first finished shard."""
     src = tmp_path / "src"

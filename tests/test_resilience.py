@@ -21,10 +21,10 @@ import configs
 from checkpoint import Checkpointer, CheckpointError, restore_params
 from checkpoint.inspect import main as inspect_main
 from conftest import TINY_OVERRIDES, tiny_config
-from sharding import make_mesh
+from sharding import make_mesh, with_shardings
 from train import run
 from train.optimizer import make_optimizer
-from train.state import abstract_state, init_state, state_shardings, with_shardings
+from train.state import abstract_state, init_state, state_shardings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = ("train.steps=40", "checkpoint.every=2", "train.log_every=1", "train.eval_batches=1")
@@ -57,6 +57,7 @@ def _final_params(run_dir, config):
     return step, restore_params(run_dir / "checkpoints", step, target)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     process = _start(tmp_path)
     _wait_for_line(process, r"step +\d")
@@ -74,6 +75,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     assert resumed.start_step == stopped and resumed.final_step == 40
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_and_keeps_saved_checkpoints(tmp_path):
     process = _start(tmp_path)
     _wait_for_line(process, "checkpoint step 4: committed")
@@ -86,6 +88,7 @@ def test_second_signal_exits_at_once_and_keeps_saved_checkpoints(tmp_path):
     assert resumed.start_step >= 4
 
 
+@pytest.mark.slow
 def test_kill9_at_random_moments_resumes_bit_identical(tmp_path):
     config = tiny_config(*LONG, f"run_dir={tmp_path / 'whole'}")
     run(config)
@@ -171,6 +174,7 @@ def test_truncated_file_is_named(tmp_path):
         run(tiny_config("train.steps=4", *common))
 
 
+@pytest.mark.slow
 def test_params_only_restore_onto_another_mesh(tmp_path):
     config = tiny_config("train.steps=2", "train.eval_batches=0", "mesh.data=1", "mesh.fsdp=8",
                          f"run_dir={tmp_path}")
@@ -185,12 +189,14 @@ def test_params_only_restore_onto_another_mesh(tmp_path):
     assert tuple(embed.spec) == ("tensor", "fsdp") and dict(embed.mesh.shape)["data"] == 4
 
 
+@pytest.mark.slow
 def test_keep_last_n_plus_every_kth_permanently(tmp_path):
     run(tiny_config("train.steps=8", "checkpoint.every=1", "checkpoint.keep=2",
                     "checkpoint.keep_every=4", "train.eval_batches=0", f"run_dir={tmp_path}"))
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [4, 7, 8]
 
 
+@pytest.mark.slow
 def test_async_save_blocks_less_than_the_whole_write(tmp_path):
     config = tiny_config("model.embed_dim=256", "model.mlp_dim=1024")
     mesh = make_mesh(config.mesh)
@@ -210,6 +216,7 @@ def test_async_save_blocks_less_than_the_whole_write(tmp_path):
     assert 0 < blocked < total
 
 
+@pytest.mark.slow
 def test_restart_reads_the_compiled_step_from_the_cache(tmp_path):
     outputs = []
     for start in range(3):
@@ -230,23 +237,38 @@ def test_inspect_lists_steps_completeness_and_config_diff(tmp_path, capsys):
     run(tiny_config("train.steps=4", "checkpoint.every=2", "train.eval_batches=0",
                     f"run_dir={tmp_path}"))
     (tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir()
-    code = inspect_main([str(tmp_path), *TINY_OVERRIDES, "train.steps=4", "model.num_layers=3"])
-    out = capsys.readouterr().out
-    assert code == 0
-    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [(r[0], r[3], r[4]) for r in rows] == [
-        ("2", "complete", "ok"), ("4", "complete", "ok"), ("6", "partial", "incomplete")]
-    assert "model.num_layers: checkpoint 2, config 3" in out
-    assert "checkpoint.every: checkpoint 2, config 3" in out
 
-    (tmp_path / "checkpoints" / "4" / "config" / "metadata").write_text('{"model": ')
-    code = inspect_main([str(tmp_path), *TINY_OVERRIDES, "train.steps=4"])
-    captured = capsys.readouterr()
-    assert code == 1
-    assert "config of step 4 could not be read: Expecting value" in captured.err
+    def inspect(*args):
+        code = inspect_main([str(tmp_path), *TINY_OVERRIDES, "train.steps=4", *args])
+        captured = capsys.readouterr()
+        rows = [line.split() for line in captured.out.splitlines()
+                if line.strip()[:1].isdigit()]
+        return code, captured, [(r[0], r[3], r[4]) for r in rows]
+
+    for verify, checksums in (((), "recorded"), (("--verify",), "ok")):
+        code, captured, rows = inspect(*verify, "model.num_layers=3")
+        assert code == 0
+        assert rows == [("2", "complete", checksums), ("4", "complete", checksums),
+                        ("6", "partial", "incomplete")]
+        assert "model.num_layers: checkpoint 2, config 3" in captured.out
+        assert "checkpoint.every: checkpoint 2, config 3" in captured.out
+
+    step_dir = tmp_path / "checkpoints" / "4"
+    (step_dir / "config" / "metadata").write_text('{"model": ')
+    code, captured, _ = inspect()
+    assert code == 1  # the config is checked against its checksum before it is read
+    assert (f"config of step 4 could not be read: checkpoint step 4: file "
+            f"{step_dir / 'config' / 'metadata'} has 10 bytes") in captured.err
+    code, captured, _ = inspect("--verify")
     assert "DAMAGED: checkpoint step 4: file" in captured.out  # its checksum names the file
+    (step_dir / "checksums.json").unlink()  # as written before checksums existed
+    code, captured, _ = inspect()
+    assert code == 1
+    assert "config of step 4 could not be read: checkpoint step 4 in " in captured.err
+    assert "its saved config could not be read (Expecting value" in captured.err
 
 
+@pytest.mark.slow
 def test_sigusr1_saves_at_the_next_step(tmp_path):
     process = _start(tmp_path, "checkpoint.every=1000")
     _wait_for_line(process, r"step +\d")
@@ -302,6 +324,7 @@ def _files_limited_to(size):
         signal.signal(signal.SIGXFSZ, handler)
 
 
+@pytest.mark.slow
 def test_a_failed_write_is_one_error_naming_step_directory_and_cause(tmp_path, monkeypatch):
     unraisable = []  # what Python would print as "Exception ignored in: ..."
     monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_value))
@@ -339,6 +362,7 @@ def test_a_failed_write_is_one_error_naming_step_directory_and_cause(tmp_path, m
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_a_run_whose_save_fails_exits_2_with_one_error_and_no_tracebacks(tmp_path):
     # As _files_limited_to, for the whole run: its first save (step 2) cannot be written.
     limited = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, "

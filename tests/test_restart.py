@@ -11,12 +11,12 @@ import pytest
 
 import configs
 from conftest import tiny_config
-from sharding import batch_sharding, make_mesh
+from sharding import batch_sharding, make_mesh, shardings_of
 from train import compile_cache, executable_cache, run
 from train.collector import StartUp
 from train.compiled import compile_train_step
 from train.optimizer import make_optimizer
-from train.state import init_state, shardings_of, state_target
+from train.state import init_state, state_target
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +43,7 @@ def _batch(config, mesh):
 
 # Each test compiles a model shape of its own: XLA's cache (on for this process once any
 # run enabled it) must not have it, or the step would not be saved (see the test below).
+@pytest.mark.slow
 def test_a_saved_step_computes_what_the_compiled_one_does(tmp_path):
     config, reports = tiny_config("model.mlp_dim=40"), []
     compiled, state, mesh = _compile(config, tmp_path, reports)
@@ -86,6 +87,7 @@ def test_any_change_to_the_step_code_changes_the_source_digest(tmp_path):
     assert executable_cache.source_digest(root=tmp_path) != executable_cache.source_digest()
 
 
+@pytest.mark.slow
 def test_a_step_from_the_compilation_cache_is_not_saved(tmp_path, monkeypatch):
     # On XLA:CPU such an executable serializes without its kernels and fails when run.
     served = iter(range(100))
@@ -96,6 +98,7 @@ def test_a_step_from_the_compilation_cache_is_not_saved(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [] and reports == []
 
 
+@pytest.mark.slow
 def test_a_damaged_saved_step_is_reported_and_compiled_again(tmp_path):
     config, reports = tiny_config("model.mlp_dim=44"), []
     _compile(config, tmp_path, reports)

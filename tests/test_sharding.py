@@ -60,6 +60,7 @@ def test_indivisible_dimension_is_a_clear_error():
         state_shardings(config, mesh, make_optimizer(config.optim, 10))
 
 
+@pytest.mark.slow
 def test_same_losses_on_every_layout(tmp_path):
     layouts = {
         "one device": (("mesh.data=1",), jax.devices()[:1]),

@@ -11,11 +11,11 @@ import pytest
 import configs
 import model
 from conftest import tiny_config
-from sharding import batch_sharding, make_mesh
+from sharding import batch_sharding, make_mesh, shardings_of
 from train import flops
 from train.compiled import StepMemory, check_fits, compile_train_step
 from train.optimizer import make_optimizer
-from train.state import init_state, shardings_of, state_target
+from train.state import init_state, state_target
 
 
 def _batch(rows, length, seed=0):
@@ -40,6 +40,7 @@ def _one_step(config, devices=None):
     return step, *step.fn(state, batch)
 
 
+@pytest.mark.slow
 def test_four_micro_batches_equal_one_batch_four_times_the_size():
     whole_step, whole, whole_metrics = _one_step(tiny_config("train.batch_size=16"))
     _, parts, parts_metrics = _one_step(tiny_config("train.batch_size=16",

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import TINY_OVERRIDES, tiny_config
 from train import goodput, metrics_log, run
@@ -19,6 +20,7 @@ def _train_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_python_m_train_runs_and_loss_falls(tmp_path):
     result = _train_cli(*TINY_OVERRIDES, "model.embed_dim=64", "train.steps=40",
                         "train.log_every=10", "optim.learning_rate=1e-2", f"run_dir={tmp_path}")
@@ -42,6 +44,7 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_bit_identical_to_uninterrupted_run(tmp_path):
     # With dropout: its masks come from (seed, step), which a resumed run restores.
     common = ("train.steps=6", "checkpoint.every=3", "train.eval_batches=0",
@@ -60,6 +63,7 @@ def test_resumed_run_ends_bit_identical_to_uninterrupted_run(tmp_path):
     assert whole.losses[6] == second.losses[6]
 
 
+@pytest.mark.slow
 def test_resume_on_fewer_devices_continues_with_the_same_batches(tmp_path):
     """Elastic resume: a run checkpointed on 8 devices continues on 2 or 1 device with the
     same global batches, so its losses follow the uninterrupted 8-device run."""
@@ -77,6 +81,7 @@ def test_resume_on_fewer_devices_continues_with_the_same_batches(tmp_path):
                                    [whole.losses[s] for s in (3, 4, 5)], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_grain_worker_processes_give_the_same_run_and_resume_with_another_count(tmp_path):
     common = ("train.steps=4", "checkpoint.every=2", "train.log_every=1", "train.eval_batches=0")
     threads = run(tiny_config(*common, f"run_dir={tmp_path / 'threads'}"))

@@ -96,7 +96,7 @@ def _lower(config: Config, mesh: jax.sharding.Mesh, tx: Any,
             return train_step(state, batch, cfg=config.model, tx=tx, schedule=schedule,
                               microbatches=config.train.microbatches, seed=config.seed)
 
-    shardings = train_state.shardings_of(target)
+    shardings = sharding.shardings_of(target)
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, replicated), donate_argnums=0)
     shape = (config.train.batch_size, config.data.seq_len)

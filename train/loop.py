@@ -90,7 +90,7 @@ def _run(config: Config, devices: list[jax.Device] | None,
             state, position, step_fn = _restore_while_compiling(config, mesh, tx, target, ckpt,
                                                                 clock, saved_steps)
             batches = _training_batches(config, sources, position)
-            evaluator = Evaluator(config, mesh, train_state.shardings_of(target.params),
+            evaluator = Evaluator(config, mesh, sharding.shardings_of(target.params),
                                   sources.heldout, say)
         startup.done()
         result = _train(config, mesh, step_fn, state, position, batches, ckpt, clock, evaluator)
@@ -208,7 +208,7 @@ def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
             say(f"resumed from checkpoint step {restored.step} in {ckpt.directory}")
             return restored.state, DataPosition.from_dict(restored.data_position)
     init = jax.jit(functools.partial(train_state.init_state, config, tx),
-                   out_shardings=train_state.shardings_of(target))
+                   out_shardings=sharding.shardings_of(target))
     return init(), DataPosition()
 
 

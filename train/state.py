@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import model
 from configs.schema import Config
-from sharding import tree_shardings
+from sharding import tree_shardings, with_shardings
 
 
 @struct.dataclass
@@ -45,11 +45,6 @@ def state_shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation) -
     return _shardings(cfg, mesh, tx, abstract_state(cfg, tx))
 
 
-def shardings_of(target: Any) -> Any:
-    """The shardings of a tree of sharded shapes (such as `state_target`'s)."""
-    return jax.tree.map(lambda shape: shape.sharding, target)
-
-
 def _shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
                shapes: TrainState) -> TrainState:
     param_shardings = tree_shardings(mesh, model.logical_axes(cfg.model), shapes.params,
@@ -59,9 +54,3 @@ def _shardings(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation,
         tx, lambda _, sharding: sharding, shapes.opt_state, param_shardings,
         transform_non_params=lambda _: replicated)
     return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
-
-
-def with_shardings(shapes: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs that also carry the target sharding (what Orbax restores into)."""
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                        shapes, shardings)

@@ -1,7 +1,7 @@
 """Hugging Face GPT-2 / Llama checkpoints <-> this project's checkpoints.
 
-    python -m checkpoint.convert --from-hf HF_DIR --out RUN_DIR [key=value ...]
-    python -m checkpoint.convert --to-hf RUN_DIR --out HF_DIR [--step N]
+    python -m hf.convert --from-hf HF_DIR --out RUN_DIR [key=value ...]
+    python -m hf.convert --to-hf RUN_DIR --out HF_DIR [--step N]
 
 `--from-hf` reads a local model directory (config.json and *.safetensors, sharded or
 not) and writes step 0 of a run: the parameters, a fresh optimizer state and the
@@ -30,8 +30,18 @@ from safetensors.numpy import save_file
 import configs
 import input as data_input
 import model
-from checkpoint.compat import model_mismatch
-from checkpoint.hf_format import (
+from checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    checkpoint_dir,
+    latest_complete_step,
+    model_mismatch,
+    restore_params,
+    saved_config,
+)
+from configs.resolve import apply_overrides
+from configs.schema import COMPUTE_ONLY_FIELDS, Config, DataConfig, ModelConfig
+from hf.format import (
     ConversionError,
     Params,
     hf_config,
@@ -39,10 +49,6 @@ from checkpoint.hf_format import (
     params_from_hf,
     params_to_hf,
 )
-from checkpoint.inspect import list_steps, saved_config
-from checkpoint.manager import Checkpointer, CheckpointError, checkpoint_dir, restore_params
-from configs.resolve import apply_overrides
-from configs.schema import COMPUTE_ONLY_FIELDS, Config, DataConfig, ModelConfig
 from train.optimizer import make_optimizer
 from train.state import TrainState
 
@@ -131,7 +137,7 @@ def to_hf(run_dir: str | pathlib.Path, hf_dir: str | pathlib.Path,
           step: int | None = None) -> pathlib.Path:
     """Write config.json and model.safetensors of a run's step (default: the latest)."""
     directory = checkpoint_dir(run_dir)
-    step = _complete_step(directory, step)
+    step = latest_complete_step(directory, step)
     config = configs.from_dict(saved_config(directory, step))
     cfg = configs.derive_model(config.model)
     eos_id, tokenizer_file = _tokenizer_of(config.data)
@@ -208,18 +214,6 @@ def _save_step_zero(config: Config, params: Params) -> None:
         ckpt.close()
 
 
-def _complete_step(directory: pathlib.Path, step: int | None) -> int:
-    complete = [info.step for info in list_steps(directory) if info.complete]
-    if not complete:
-        raise CheckpointError(f"no complete checkpoint in {directory}")
-    if step is None:
-        return complete[-1]
-    if step not in complete:
-        raise CheckpointError(f"no complete checkpoint step {step} in {directory}; complete "
-                              f"steps: {complete}")
-    return step
-
-
 def _tokenizer_of(data: DataConfig) -> tuple[int | None, pathlib.Path | None]:
     """End-of-text id of the run's tokenizer, and its tokenizer.json if it has one."""
     try:
@@ -232,7 +226,7 @@ def _tokenizer_of(data: DataConfig) -> tuple[int | None, pathlib.Path | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m checkpoint.convert",
+    parser = argparse.ArgumentParser(prog="python -m hf.convert",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
