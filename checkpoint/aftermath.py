@@ -6,10 +6,10 @@ result to the closed loop, which Python prints as "RuntimeError: Event loop is c
 with a traceback; those that failed as well are logged again by asyncio as "Future (or
 Task) exception was never retrieved". Orbax's read coroutines that were never finished
 raise again when the collector closes them ("Exception ignored in: <coroutine ...>").
-One damaged file gave up to 690 lines of them, at any later moment, after the run had
+One damaged file gives hundreds of lines of them, at any later moment, after the run has
 reported the step and file and fallen back. A write that fails (a full disk) leaves the
-same behind, once per array, and Orbax logs the failure from four threads, each time with
-its traceback: 320 lines for one full disk. The failure is reported once, by the caller;
+same behind, once per array, and Orbax logs the failure from several threads, each time
+with its traceback. The failure is reported once, by the caller;
 its aftermath is dropped here, and Orbax's log lines about it keep their message but not
 their traceback. Every other error still reaches Python's hook and the logs as it was.
 """

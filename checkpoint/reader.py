@@ -135,12 +135,10 @@ def collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off for the block, then as it was.
 
     A restore makes many short-lived objects (Orbax's futures and tasks, a set per
-    shard) and keeps almost none, yet they trigger collections that scan what the
-    process holds, JAX's objects included: restoring the 1.1 GB state of
-    benchmarks/checkpoint.py ran 157 young, 14 middle and 1 full collection. Pausing
-    the collector took that restore from 1.11 s to 0.85 s (medians of 6 alternated
-    pairs); a paused restore left 122 unreachable objects. (`train.run` restores
-    inside its start-up, where the collector is paused already.)
+    shard) and keeps almost none, yet they trigger collections that scan everything the
+    process holds, JAX's objects included, for nothing worth freeing (README,
+    Performance). `train.run` restores inside its start-up, where the collector is
+    paused already.
     """
     was_enabled = gc.isenabled()
     gc.disable()

@@ -37,6 +37,16 @@ def tiny_config(*overrides: str) -> Config:
     return load("tiny", TINY_OVERRIDES + ungrouped + list(overrides))
 
 
+def corrupt_largest_state_file(step_dir):
+    """Flip a byte in the middle of a checkpoint step's largest array file; that file."""
+    files = sorted((p for p in (step_dir / "state").rglob("*") if p.is_file()),
+                   key=lambda p: p.stat().st_size)
+    data = bytearray(files[-1].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    files[-1].write_bytes(bytes(data))
+    return files[-1]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, "tests expect 8 fake CPU devices (XLA_FLAGS)"

@@ -20,7 +20,7 @@ from checkpoint import (
     saved_config,
 )
 from checkpoint.inspect import main as inspect_main
-from conftest import TINY_OVERRIDES, tiny_config
+from conftest import TINY_OVERRIDES, corrupt_largest_state_file, tiny_config
 from sharding import make_mesh, with_shardings
 from train import run
 from train.optimizer import make_optimizer
@@ -199,15 +199,6 @@ def _two_saved_steps(run_dir):
     return config, with_shardings(abstract_state(config, tx), shardings)
 
 
-def _flip_a_byte_of_the_largest_array_file(step_dir):
-    files = sorted((p for p in (step_dir / "state").rglob("*") if p.is_file()),
-                   key=lambda p: p.stat().st_size)
-    data = bytearray(files[-1].read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    files[-1].write_bytes(bytes(data))
-    return files[-1]
-
-
 def _record_checksummed_files(monkeypatch):
     """The files whose CRC32 is computed from here on, in a list that grows."""
     checked, crc32 = [], integrity._crc32
@@ -224,7 +215,7 @@ def test_latest_step_and_its_config_are_found_without_reading_array_files(
         tmp_path, monkeypatch):
     config, target = _two_saved_steps(tmp_path)
     directory = checkpoint_dir(tmp_path)
-    damaged = {step: _flip_a_byte_of_the_largest_array_file(directory / str(step))
+    damaged = {step: corrupt_largest_state_file(directory / str(step))
                for step in (1, 2)}
     (directory / "3.orbax-checkpoint-tmp-7").mkdir()  # a step still being written
     checked = _record_checksummed_files(monkeypatch)
@@ -251,7 +242,7 @@ def test_latest_step_and_its_config_are_found_without_reading_array_files(
 def test_inspect_checksums_every_file_only_with_verify(tmp_path, monkeypatch, capsys):
     _two_saved_steps(tmp_path)
     directory = checkpoint_dir(tmp_path)
-    damaged = _flip_a_byte_of_the_largest_array_file(directory / "1")
+    damaged = corrupt_largest_state_file(directory / "1")
     checked = _record_checksummed_files(monkeypatch)
 
     def rows(*args):

@@ -20,7 +20,7 @@ import pytest
 import configs
 from checkpoint import Checkpointer, CheckpointError, restore_params
 from checkpoint.inspect import main as inspect_main
-from conftest import TINY_OVERRIDES, tiny_config
+from conftest import TINY_OVERRIDES, corrupt_largest_state_file, tiny_config
 from sharding import make_mesh, with_shardings
 from train import run
 from train.optimizer import make_optimizer
@@ -112,20 +112,11 @@ def test_kill9_at_random_moments_resumes_bit_identical(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _corrupt_largest_state_file(step_dir):
-    files = sorted((p for p in (step_dir / "state").rglob("*") if p.is_file()),
-                   key=lambda p: p.stat().st_size)
-    data = bytearray(files[-1].read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    files[-1].write_bytes(bytes(data))
-    return files[-1]
-
-
 def test_damaged_file_names_step_and_file_and_can_fall_back(tmp_path):
     common = ("train.steps=6", "checkpoint.every=2", "train.eval_batches=0",
               f"run_dir={tmp_path}")
     run(tiny_config(*common, "train.stop_after=4"))
-    damaged = _corrupt_largest_state_file(tmp_path / "checkpoints" / "4")
+    damaged = corrupt_largest_state_file(tmp_path / "checkpoints" / "4")
     with pytest.raises(CheckpointError, match=rf"(?s)step 4: file {damaged}.*CRC32.*"
                                               r"checkpoint\.fallback=true"):
         run(tiny_config(*common))
@@ -305,7 +296,7 @@ def test_damaged_final_step_falls_back_and_finishes_training(tmp_path):
     common = ("train.steps=4", "checkpoint.every=2", "train.eval_batches=0",
               f"run_dir={tmp_path}")
     run(tiny_config(*common))
-    _corrupt_largest_state_file(tmp_path / "checkpoints" / "4")
+    corrupt_largest_state_file(tmp_path / "checkpoints" / "4")
     resumed = run(tiny_config(*common, "checkpoint.fallback=true"))
     assert resumed.start_step == 2 and resumed.final_step == 4
 

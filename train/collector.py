@@ -1,9 +1,9 @@
 """Python's cyclic garbage collector, kept off start-up and away from what start-up made.
 
-Start-up (imports, building the state, tracing the step) makes some 0.15-0.3 M
-long-lived objects and almost no garbage: a cold bench-20m start-up leaves 1.4 MB of
-cycles, yet the collections that find them cost 0.17 s of its imports alone, a twelfth
-of a warm restart. So the collector is paused while a run starts; when training
+Start-up (imports, building the state, tracing the step) makes hundreds of thousands of
+long-lived objects and almost no garbage, yet the collections that find the little there
+is scan all of them, a real share of a warm restart (README, Performance). So the
+collector is paused while a run starts; when training
 begins, what start-up made is frozen (collections during the loop no longer scan it)
 and the collector resumes for the loop's own garbage. When the run ends, the frozen
 objects become collectable again: a notebook calling `run` many times keeps nothing.

@@ -1,8 +1,8 @@
 """Compiled train steps saved whole, so that a restarted run skips tracing and lowering too.
 
 JAX's persistent compilation cache skips XLA's compile, but to find its entry JAX must
-trace and lower the step again: 0.3 s of a 2 s restart for bench-20m on CPU, minutes
-for large models. This cache keys the serialized executable by what determines the
+trace and lower the step again: a good part of a warm restart on CPU, minutes for large
+models. This cache keys the serialized executable by what determines the
 program instead of by the program: the config fields the step is built from, the source
 of the packages that build it, the library versions, the devices, and the compiler's
 flags. Change any of them and the key changes, so a stale executable is never loaded;

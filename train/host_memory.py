@@ -1,11 +1,11 @@
 """Keep freed host memory in the process, so that XLA:CPU steps stop page-faulting.
 
-XLA:CPU allocates all of a step's temporaries as one block (541 MB for bench-20m).
-glibc serves a block that big with a fresh `mmap` and returns it with `munmap` when the
-step ends, so every step page-faults half a gigabyte of newly zeroed pages: a fifth of
-the step's CPU time went to the kernel. With one malloc arena (a thread arena cannot
-hold the block and falls back to `mmap`), no `mmap` and no trimming, the block is
-reused from one step to the next: bench-20m's step went from 0.61 s to 0.51 s.
+XLA:CPU allocates all of a step's temporaries as one block, hundreds of MB for a small
+model. glibc serves a block that big with a fresh `mmap` and returns it with `munmap` when
+the step ends, so every step page-faults the whole block in again as newly zeroed pages,
+in the kernel. With one malloc arena (a thread arena cannot hold the block and falls back
+to `mmap`), no `mmap` and no trimming, the block is reused from one step to the next
+(README, Performance, has what it saved).
 
 Accelerator hosts keep glibc's defaults: their step memory lives on the device.
 """
