@@ -86,9 +86,6 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def should_save(self, step: int) -> bool:
-        return self.cfg.every > 0 and step % self.cfg.every == 0
-
     def save(self, step: int, state: Any, data_position: dict[str, Any],
              config: dict[str, Any]) -> float:
         """Start saving; returns the seconds the caller was blocked (device-to-host copy).

@@ -34,8 +34,7 @@ from train.preemption import Preemption
 from train.profiling import StepProfiler
 from train.state import TrainState
 
-Metrics = dict[str, jax.Array]
-StepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, Metrics]]
+StepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, actions.Metrics]]
 
 
 @dataclasses.dataclass
