@@ -33,23 +33,22 @@ from typing import Any
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from train import host_memory  # noqa: E402
+from train import process  # noqa: E402
 
-# As `python -m train` does, before JAX and the checkpoint libraries start threads.
-KEPT = host_memory.keep_freed_memory()
+with process.started() as KEPT:  # as `python -m train` sets up its process
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-import tensorstore as ts  # noqa: E402
-
-import configs  # noqa: E402
-from checkpoint import Checkpointer  # noqa: E402
-from sharding import make_mesh, shardings_of  # noqa: E402
-from train import metrics_log, run  # noqa: E402
-from train.collector import StartUp  # noqa: E402
-from train.optimizer import make_optimizer  # noqa: E402
-from train.state import init_state, state_target  # noqa: E402
+    import configs
+    from checkpoint import Checkpointer
+    from observe import metrics_log
+    from sharding import make_mesh, shardings_of
+    from train import run
+    from train.optimizer import make_optimizer
+    from train.process.collector import StartUp
+    from train.state import init_state, state_target
 
 BIG_MODEL = ["model.vocab_size=32000", "model.embed_dim=640", "model.num_layers=10",
              "model.num_heads=10", "model.num_kv_heads=10", "model.head_dim=64",
@@ -342,7 +341,7 @@ def restart_cost(workdir: pathlib.Path, repeats: int) -> dict[str, float]:
 
 def save_and_restore(config, work: pathlib.Path, repeats: int) -> None:
     """Figures 1, 3 and 4, on the ~1.1 GB state, with Python's collector as `train.run`
-    has it when its loop saves: what start-up made is frozen (train/collector.py)."""
+    has it when its loop saves: what start-up made is frozen (train/process/collector.py)."""
     with StartUp() as startup:
         state, target = build(config)
         startup.done()

@@ -24,21 +24,19 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from train import host_memory  # noqa: E402
+from train import process  # noqa: E402
 
-# As `python -m train` does, before JAX and the data libraries start threads.
-host_memory.keep_freed_memory()
-
-import configs  # noqa: E402
-from input import (  # noqa: E402
-    default_corpus,
-    get_tokenizer,
-    make_splits,
-    train_dataset,
-    train_iterator,
-)
-from input.tokenizer import train_bpe  # noqa: E402
-from train import run  # noqa: E402
+with process.started():  # as `python -m train` sets up its process
+    import configs
+    from input import (
+        default_corpus,
+        get_tokenizer,
+        make_splits,
+        train_dataset,
+        train_iterator,
+    )
+    from input.tokenizer import train_bpe
+    from train import run
 
 
 def write_corpus(directory: pathlib.Path, megabytes: float) -> list[str]:

@@ -39,24 +39,22 @@ from typing import Any  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from train import host_memory  # noqa: E402
+from train import process  # noqa: E402
 
-# As `python -m train` does, before JAX and the checkpoint libraries start threads.
-KEPT = host_memory.keep_freed_memory()
+with process.started() as KEPT:  # as `python -m train` sets up its process
+    import jax
+    import numpy as np
+    import torch
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import configs  # noqa: E402
-import input as data_input  # noqa: E402
-import model  # noqa: E402
-import sharding  # noqa: E402
-from benchmarks.torch_reference import ReferenceTrainer  # noqa: E402
-from train import state as train_state  # noqa: E402
-from train.compiled import compile_train_step  # noqa: E402
-from train.optimizer import make_optimizer  # noqa: E402
-from train.step import eval_step  # noqa: E402
+    import configs
+    import input as data_input
+    import model
+    import sharding
+    from benchmarks.torch_reference import ReferenceTrainer
+    from train import state as train_state
+    from train.compile.step import compile_train_step
+    from train.optimizer import make_optimizer
+    from train.step import eval_step
 
 Batch = dict[str, np.ndarray]
 

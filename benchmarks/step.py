@@ -4,7 +4,7 @@
 
 The whole step is timed (forward, backward, AdamW update; state donated), with random
 tokens already on the devices, so the input pipeline is not part of it. Model FLOPs are
-counted by the formula in train/flops.py; on CPU the peak is large matmuls measured in
+counted by the formula in observe/flops.py; on CPU the peak is large matmuls measured in
 this same run, per dtype (the best of two sizes, ten times each). Figures are medians
 over the timed steps. The 8 devices are fake CPU devices sharing this host's cores: the
 layouts compare the cost of the partitioned programs (collectives included), not more
@@ -26,20 +26,18 @@ import time
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from train import host_memory  # noqa: E402
+from train import process  # noqa: E402
 
-# As `python -m train` does, before JAX and the checkpoint libraries start threads.
-KEPT = host_memory.keep_freed_memory()
+with process.started() as KEPT:  # as `python -m train` sets up its process
+    import jax
+    import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-import configs  # noqa: E402
-import sharding  # noqa: E402
-from train import flops  # noqa: E402
-from train.compiled import compile_train_step  # noqa: E402
-from train.optimizer import make_optimizer  # noqa: E402
-from train.state import init_state, state_target  # noqa: E402
+    import configs
+    import sharding
+    from observe import flops
+    from train.compile.step import compile_train_step
+    from train.optimizer import make_optimizer
+    from train.state import init_state, state_target
 
 # Layout name -> (devices, mesh overrides).
 LAYOUTS = {

@@ -12,6 +12,11 @@ same behind, once per array, and Orbax logs the failure from several threads, ea
 with its traceback. The failure is reported once, by the caller;
 its aftermath is dropped here, and Orbax's log lines about it keep their message but not
 their traceback. Every other error still reaches Python's hook and the logs as it was.
+
+Two calls, because one patches process-wide hooks and the other does not: the commands
+(`train.run`, `python -m generate`, `python -m hf.convert`) `install()` the filters once,
+as part of setting up their process; the checkpoint code only `watch`es the directories it
+reads and writes. A notebook that restores by hand can call `install()` itself.
 """
 
 from __future__ import annotations
@@ -27,9 +32,14 @@ _directories: set[str] = set()  # checkpoint directories read or written in this
 _UNRETRIEVED = re.compile(r"\w+ exception was never retrieved")  # Future, Task, _GatheringFuture
 
 
-def quiet(directory: str | pathlib.Path) -> None:
-    """Drop the aftermath of failed restores from and saves to `directory` (call first)."""
+def watch(directory: str | pathlib.Path) -> None:
+    """Count failures on `directory` among ours: their aftermath is dropped once installed."""
     _directories.add(str(directory))
+
+
+def install() -> None:
+    """Drop the aftermath of failed restores and saves on watched directories from now on
+    (Python's unraisable hook and two log filters); calling it again does nothing."""
     if not getattr(sys.unraisablehook, "drops_checkpoint_aftermath", False):
         sys.unraisablehook = _dropping_aftermath(sys.unraisablehook)
     for logger, dropping in ((logging.getLogger("asyncio"), _unretrieved_errors_of_ours),

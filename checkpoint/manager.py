@@ -78,7 +78,7 @@ class Checkpointer:
         }
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_handlers=handlers)
-        aftermath.quiet(self.directory)  # a failed write is reported once, by `_write_errors`
+        aftermath.watch(self.directory)  # a failed write is reported once, by `_write_errors`
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -156,9 +156,9 @@ def verified_restore(directory: pathlib.Path, step: int, report: Callable[[str],
     Both read the same files, so whichever comes second finds them in the page
     cache: the check costs no second read from disk. A damaged file explains a
     failed restore best, so its error is the one raised, once: the tracebacks a failed
-    restore would print later are dropped (`aftermath`).
+    restore would print later are dropped where the command installed `aftermath`.
     """
-    aftermath.quiet(directory)
+    aftermath.watch(directory)
     with collector_paused(), \
             concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verify") as pool:
         verified = pool.submit(verify_step, directory, step, report)

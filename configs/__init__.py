@@ -2,6 +2,7 @@
 
 from configs.resolve import (
     ConfigError,
+    check_resolved,
     derive_model,
     from_dict,
     load,
@@ -23,6 +24,6 @@ from configs.schema import (
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "DistributedConfig", "MeshConfig",
-    "ModelConfig", "OptimConfig", "TrainConfig", "derive_model", "from_dict", "load",
-    "resolve_auto", "to_dict", "to_json", "validate",
+    "ModelConfig", "OptimConfig", "TrainConfig", "check_resolved", "derive_model", "from_dict",
+    "load", "resolve_auto", "to_dict", "to_json", "validate",
 ]

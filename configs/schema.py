@@ -129,7 +129,8 @@ class ModelConfig:
     embed_dropout: Rate = 0.0
     """Dropout rate on the embeddings (token plus position) entering the first block."""
     attention_dropout: Rate = 0.0
-    """Dropout rate on the attention probabilities (needs the `xla` attention kernel)."""
+    """Dropout rate on the attention probabilities (needs the `xla` or `cpu` attention
+    kernel)."""
     residual_dropout: Rate = 0.0
     """Dropout rate on each attention and MLP output before it joins the residual stream."""
     tie_embeddings: bool = False
@@ -139,10 +140,16 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype of activations: `float32`, `bfloat16`, `float16`, or `auto` (bfloat16 on
     TPU/GPU, float32 on CPU). Parameters and optimizer state are always float32."""
-    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
-    """Attention kernel: `xla` (plain einsums), `cudnn` (cuDNN flash attention, NVIDIA GPUs),
-    `splash` (Pallas splash kernel, TPU; interpreted, slowly, elsewhere), or `auto` (the
-    platform's fast kernel)."""
+    attention: Literal["auto", "xla", "cpu", "cudnn", "splash"] = "auto"
+    """Attention kernel: `xla` (plain einsums, differentiated by JAX), `cpu` (the same einsums
+    with a hand-written backward pass, fast on XLA:CPU), `cudnn` (cuDNN flash attention, NVIDIA
+    GPUs), `splash` (Pallas splash kernel, TPU; interpreted, slowly, elsewhere), or `auto` (the
+    platform's fast kernel: splash on TPU, cudnn on GPU, cpu on CPU; with attention dropout,
+    cpu on CPU and xla elsewhere)."""
+    matmul: Literal["auto", "xla", "cpu"] = "auto"
+    """How projections contract activations with weights: `xla` (plain einsums), `cpu` (2-D
+    matmuls whose weight gradient takes the transposed operand laid out first, fast on
+    XLA:CPU), or `auto` (cpu on CPU, xla elsewhere)."""
     scan_layers: bool = False
     """Run the blocks as one `lax.scan` over stacked weights: one compiled layer, fast compiles
     for deep models. Changes the parameter layout (a leading `layers` axis)."""
@@ -156,8 +163,8 @@ class ModelConfig:
 
 # Model fields that change how the step computes, not the parameters it trains:
 # a checkpoint restores whatever their values.
-COMPUTE_ONLY_FIELDS = ("dtype", "attention", "remat", "loss_chunk_tokens", "embed_dropout",
-                       "attention_dropout", "residual_dropout")
+COMPUTE_ONLY_FIELDS = ("dtype", "attention", "matmul", "remat", "loss_chunk_tokens",
+                       "embed_dropout", "attention_dropout", "residual_dropout")
 # Model fields read only when parameters are first drawn.
 INIT_FIELDS = ("init_std", "embed_init_std", "position_init_std", "residual_init_std",
                "unembed_init_std")

@@ -14,6 +14,7 @@ import configs
 import input as data_input
 import model
 import sharding
+from checkpoint import aftermath
 from generate.loading import load
 from generate.quantize import dequantize, nbytes, quantize_int8
 from generate.sampler import Sampling, generate
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantize", choices=["int8"], help="weight-only int8 parameters")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. mesh.tensor=2")
     args = parser.parse_args(argv)
+    aftermath.install()  # a failed restore is reported once, not with its debris
     try:
         prompts = args.prompt + _read_prompts(args.prompt_file)
         if not prompts:

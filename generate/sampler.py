@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import configs
 import model
 import sharding
 from configs.schema import ModelConfig
@@ -55,7 +56,11 @@ def generate(params: Params, tokenizer: Any, prompts: list[str], cfg: ModelConfi
     """Continue each prompt; `params` may live on any devices (`mesh` + `rules` shard the
     batch and the cache; without them everything runs on the default device).
     `dequantize` turns stored (e.g. int8) parameters into compute parameters inside the
-    compiled functions."""
+    compiled functions. `auto` settings of `cfg` are resolved for the devices it runs on:
+    the mesh's, else those holding `params`."""
+    device = mesh.devices.flat[0] if mesh is not None else next(
+        iter(jax.tree.leaves(params)[0].devices()))
+    cfg = configs.resolve_auto(cfg, device.platform)
     encoded = [np.asarray(tokenizer.encode(p), np.int32) for p in prompts]
     if any(len(e) == 0 for e in encoded):
         raise ValueError("every prompt needs at least one token")

@@ -33,6 +33,7 @@ import model
 from checkpoint import (
     Checkpointer,
     CheckpointError,
+    aftermath,
     checkpoint_dir,
     latest_complete_step,
     model_mismatch,
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="from-hf: settings of the written run, e.g. train.steps=200")
     args = parser.parse_args(argv)
+    aftermath.install()  # a failed restore is reported once, not with its debris
     try:
         print(_convert(args))
     except (ConversionError, configs.ConfigError, CheckpointError, OSError) as e:

@@ -1,14 +1,17 @@
-"""Causal self-attention with document (segment) masking, by one of three kernels.
+"""Causal self-attention with document (segment) masking, by one of four kernels.
 
-All three compute softmax(q k^T / sqrt(K) + mask) v where position i may attend
+All four compute softmax(q k^T / sqrt(K) + mask) v where position i may attend
 to position j iff j <= i and both lie in the same document:
-- `xla`: plain einsums over an explicit LxL mask; runs everywhere.
+- `xla`: plain einsums over an explicit LxL mask, differentiated by JAX; runs everywhere.
+- `cpu`: the same einsums with a hand-written backward pass tuned for XLA:CPU
+  (`model.cpu_kernels`).
 - `cudnn`: `jax.nn.dot_product_attention`'s cuDNN flash kernel (NVIDIA GPUs).
 - `splash`: the Pallas splash kernel (TPU). Pallas kernels are not partitioned by
   XLA, so it runs under `shard_map` over the batch and head axes of the active
   mesh; off TPU it runs in the (slow) Pallas interpreter, for tests.
 
-Shapes: B batch, L length, H query heads, G kv heads, R = H / G, K head dim.
+Shapes: B batch, L length, M key positions, H query heads, G kv heads, R = H / G,
+K head dim.
 """
 
 from __future__ import annotations
@@ -18,25 +21,33 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from model import cpu_kernels
 from sharding import active_mesh, constrain, logical_to_spec
 
 
 def attend(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
            segment_ids_BxL: jax.Array | None, impl: str,
            dropout: tuple[float, jax.Array] | None = None) -> jax.Array:
-    """Attention output, B x L x H x K, by the kernel `impl` (`xla`, `cudnn` or `splash`).
+    """Attention output, B x L x H x K, by the kernel `impl` (`xla`, `cpu`, `cudnn` or
+    `splash`).
 
-    `dropout` (rate, key) drops attention probabilities; only the `xla` kernel has it.
+    `dropout` (rate, key) drops attention probabilities; only `xla` and `cpu` have it,
+    and they drop the same ones for the same key.
     """
-    if impl == "xla":
-        return _xla(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, dropout)
+    if impl in ("xla", "cpu"):
+        mask_BxLxL = attention_mask(q_BxLxHxK.shape[:2], segment_ids_BxL)
+        keep_BxGxRxLxL = None if dropout is None else dropout_keep(
+            *dropout, q_BxLxHxK.shape[:3], k_BxLxGxK.shape[2])
+        kernel = cpu_kernels.attention if impl == "cpu" else softmax_attention
+        return kernel(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask_BxLxL, keep_BxGxRxLxL)
     if dropout is not None:
-        raise ValueError(f"attention dropout needs the xla kernel, not {impl!r}")
+        raise ValueError(f"attention dropout needs the xla or cpu kernel, not {impl!r}")
     if impl == "cudnn":
         return dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, "cudnn")
     if impl == "splash":
         return _splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
-    raise ValueError(f"unknown attention implementation {impl!r}; expected xla, cudnn or splash")
+    raise ValueError(f"unknown attention implementation {impl!r}; expected xla, cpu, cudnn "
+                     "or splash")
 
 
 def attention_mask(shape_BxL: tuple[int, int], segment_ids_BxL: jax.Array | None) -> jax.Array:
@@ -49,86 +60,34 @@ def attention_mask(shape_BxL: tuple[int, int], segment_ids_BxL: jax.Array | None
     return causal_1xLxL & same_doc_BxLxL
 
 
-def _xla(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, dropout=None):
-    """Heads-first batched matmuls; query heads sharing a kv head are stacked along the
-    query axis (N = R x L), so every matmul is a plain (B, G)-batched 2-D product."""
+def dropout_keep(rate: float, key: jax.Array, shape_BxLxH: tuple[int, int, int],
+                 groups: int) -> jax.Array:
+    """Dropout's factor per attention probability, B x G x R x L x L: 0 with probability
+    `rate`, else 1 / (1 - rate). Every kernel with dropout draws it here, so one key
+    drops the same probabilities whichever kernel runs."""
+    batch, length, heads = shape_BxLxH
+    shape = (batch, groups, heads // groups, length, length)
+    return jax.random.bernoulli(key, 1.0 - rate, shape).astype(jnp.float32) / (1.0 - rate)
+
+
+def softmax_attention(q_BxLxHxK: jax.Array, k_BxMxGxK: jax.Array, v_BxMxGxK: jax.Array,
+                      mask_BxLxM: jax.Array, keep_BxGxRxLxM: jax.Array | None = None
+                      ) -> jax.Array:
+    """(softmax(q k^T / sqrt(K), masked) * keep) v, B x L x H x K; query heads are grouped
+    R to a kv head. `keep` holds dropout's factors (`dropout_keep`); None keeps all."""
     batch, length, heads, head_dim = q_BxLxHxK.shape
-    groups = k_BxLxGxK.shape[2]
-    per_group = heads // groups
-    q_BxGxNxK = (q_BxLxHxK.reshape(batch, length, groups, per_group, head_dim)
-                 .transpose(0, 2, 3, 1, 4).reshape(batch, groups, per_group * length, head_dim))
-    k_BxGxLxK = k_BxLxGxK.transpose(0, 2, 1, 3)
-    v_BxGxLxK = v_BxLxGxK.transpose(0, 2, 1, 3)
-    mask_BxLxL = attention_mask((batch, length), segment_ids_BxL)
-    mask_Bx1xNxL = jnp.tile(mask_BxLxL, (1, per_group, 1))[:, None]
-    keep_BxGxNxL = None
-    if dropout is not None:
-        rate, key = dropout
-        keep = jax.random.bernoulli(key, 1.0 - rate, (batch, groups, per_group * length, length))
-        keep_BxGxNxL = keep.astype(jnp.float32) / (1.0 - rate)
-    out_BxGxNxK = _softmax_attention(q_BxGxNxK, k_BxGxLxK, v_BxGxLxK, mask_Bx1xNxL,
-                                     keep_BxGxNxL)
-    return (out_BxGxNxK.reshape(batch, groups, per_group, length, head_dim)
-            .transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim))
-
-
-@jax.custom_vjp
-def _softmax_attention(q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, mask_Bx1xNxM, keep_BxGxNxM=None):
-    """(softmax(q k^T / sqrt(K), masked) * keep) v, with a hand-written backward pass:
-    XLA:CPU runs these explicit matmuls about 3x faster than the autodiff of the same
-    forward. `keep` is dropout's 0 or 1 / (1 - rate) per probability; None keeps all."""
-    return _softmax_attention_forward(q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, mask_Bx1xNxM,
-                                      keep_BxGxNxM)[0]
-
-
-def _softmax_attention_forward(q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, mask_Bx1xNxM,
-                               keep_BxGxNxM=None):
-    scale = q_BxGxNxK.shape[-1] ** -0.5
-    scores_BxGxNxM = jnp.einsum("bgnk,bgmk->bgnm", q_BxGxNxK, k_BxGxMxK,
-                                preferred_element_type=jnp.float32) * scale
-    scores_BxGxNxM = jnp.where(mask_Bx1xNxM, scores_BxGxNxM, jnp.finfo(jnp.float32).min)
-    probs_BxGxNxM = jax.nn.softmax(scores_BxGxNxM, axis=-1)
-    kept_BxGxNxM = probs_BxGxNxM if keep_BxGxNxM is None else probs_BxGxNxM * keep_BxGxNxM
-    out_BxGxNxK = jnp.einsum("bgnm,bgmk->bgnk", kept_BxGxNxM.astype(v_BxGxMxK.dtype), v_BxGxMxK)
-    return out_BxGxNxK, (q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, probs_BxGxNxM, out_BxGxNxK,
-                         keep_BxGxNxM)
-
-
-def _softmax_attention_backward(residuals, d_out_BxGxNxK):
-    """With P = softmax(S) and D the dropout keep factors: dV = (P D)^T dO,
-    dP = (dO V^T) D, dS = P (dP - rowsum(dO * O)), dQ = dS K / sqrt(K), dK = dS^T Q / sqrt(K)
-    (rowsum(P dP) = rowsum(dO * O), dropout or not)."""
-    q_BxGxNxK, k_BxGxMxK, v_BxGxMxK, probs_BxGxNxM, out_BxGxNxK, keep_BxGxNxM = residuals
-    dt = q_BxGxNxK.dtype
-    kept_BxGxNxM = probs_BxGxNxM if keep_BxGxNxM is None else probs_BxGxNxM * keep_BxGxNxM
-    d_v_BxGxMxK = jnp.einsum("bgmn,bgnk->bgmk", transposed_copy(kept_BxGxNxM.astype(dt)),
-                             d_out_BxGxNxK)
-    d_probs_BxGxNxM = jnp.einsum("bgnk,bgmk->bgnm", d_out_BxGxNxK, v_BxGxMxK,
-                                 preferred_element_type=jnp.float32)
-    if keep_BxGxNxM is not None:
-        d_probs_BxGxNxM = d_probs_BxGxNxM * keep_BxGxNxM
-    row_BxGxNx1 = jnp.sum(d_out_BxGxNxK.astype(jnp.float32) * out_BxGxNxK.astype(jnp.float32),
-                          axis=-1, keepdims=True)
-    scale = q_BxGxNxK.shape[-1] ** -0.5
-    d_scores_BxGxNxM = (probs_BxGxNxM * (d_probs_BxGxNxM - row_BxGxNx1) * scale).astype(dt)
-    d_q_BxGxNxK = jnp.einsum("bgnm,bgmk->bgnk", d_scores_BxGxNxM, k_BxGxMxK)
-    d_k_BxGxMxK = jnp.einsum("bgmn,bgnk->bgmk", transposed_copy(d_scores_BxGxNxM), q_BxGxNxK)
-    return d_q_BxGxNxK, d_k_BxGxMxK, d_v_BxGxMxK, None, None
-
-
-def transposed_copy(x: jax.Array) -> jax.Array:
-    """x with its last two axes swapped, laid out that way on CPU.
-
-    XLA:CPU runs a product over the leading axes of both operands (a weight gradient
-    x^T dy, attention's P^T dO) up to 2x slower than with the transposed operand laid
-    out first, and its simplifier folds a plain swap back into the dot: the barrier
-    keeps the copy. Other backends handle transposed operands natively.
-    """
-    swapped = jnp.swapaxes(x, -1, -2)
-    return jax.lax.optimization_barrier(swapped) if jax.default_backend() == "cpu" else swapped
-
-
-_softmax_attention.defvjp(_softmax_attention_forward, _softmax_attention_backward)
+    groups = k_BxMxGxK.shape[2]
+    q_BxLxGxRxK = q_BxLxHxK.reshape(batch, length, groups, heads // groups, head_dim)
+    scores_BxGxRxLxM = jnp.einsum("blgrk,bmgk->bgrlm", q_BxLxGxRxK, k_BxMxGxK,
+                                  preferred_element_type=jnp.float32) * head_dim ** -0.5
+    scores_BxGxRxLxM = jnp.where(mask_BxLxM[:, None, None], scores_BxGxRxLxM,
+                                 jnp.finfo(jnp.float32).min)
+    probs_BxGxRxLxM = jax.nn.softmax(scores_BxGxRxLxM, axis=-1)
+    if keep_BxGxRxLxM is not None:
+        probs_BxGxRxLxM = probs_BxGxRxLxM * keep_BxGxRxLxM
+    out_BxLxGxRxK = jnp.einsum("bgrlm,bmgk->blgrk", probs_BxGxRxLxM.astype(v_BxMxGxK.dtype),
+                               v_BxMxGxK)
+    return out_BxLxGxRxK.reshape(batch, length, heads, head_dim)
 
 
 def dot_product_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
@@ -202,17 +161,10 @@ def write_cache(cache_BxSxGxK: jax.Array, new_BxTxGxK: jax.Array, start_B: jax.A
 
 def attend_cache(q_BxTxHxK: jax.Array, k_BxSxGxK: jax.Array, v_BxSxGxK: jax.Array,
                  positions_BxT: jax.Array) -> jax.Array:
-    """Queries at positions p attend to cache slots 0..p (einsums; decoding has no backward)."""
-    batch, new, heads, head_dim = q_BxTxHxK.shape
-    slots, groups = k_BxSxGxK.shape[1:3]
-    q_BxTxGxRxK = q_BxTxHxK.reshape(batch, new, groups, heads // groups, head_dim)
-    k_BxSxGxK = k_BxSxGxK.astype(q_BxTxHxK.dtype)
-    scores_BxGxRxTxS = jnp.einsum("btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK,
-                                  preferred_element_type=jnp.float32) * head_dim ** -0.5
+    """Queries at positions p attend to cache slots 0..p (the plain kernel: decoding has
+    no backward pass to tune)."""
+    slots = k_BxSxGxK.shape[1]
     visible_BxTxS = jnp.arange(slots)[None, None, :] <= positions_BxT[:, :, None]
-    scores_BxGxRxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxGxRxTxS,
-                                 jnp.finfo(jnp.float32).min)
-    probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1).astype(q_BxTxHxK.dtype)
-    out_BxTxGxRxK = jnp.einsum("bgrts,bsgk->btgrk", probs_BxGxRxTxS,
-                               v_BxSxGxK.astype(q_BxTxHxK.dtype))
-    return out_BxTxGxRxK.reshape(batch, new, heads, head_dim)
+    dt = q_BxTxHxK.dtype
+    return softmax_attention(q_BxTxHxK, k_BxSxGxK.astype(dt), v_BxSxGxK.astype(dt),
+                             visible_BxTxS)

@@ -7,18 +7,23 @@ GELU MLP. The projections have biases where `cfg.bias` says (by default GPT-2's 
 Every parameter carries `logical_axes` metadata; activations are constrained by
 logical names through `sharding.constrain`. Shape suffixes: B batch, L length,
 D embed, H query heads, G kv heads, K head dim, F mlp.
+
+A layer contracts activations with its weights by the `dense` that `cfg.matmul`
+names, picked once when the layer is built: a plain tensordot (`xla`), or the 2-D
+matmul kernel tuned for XLA:CPU (`cpu`, from `model.cpu_kernels`).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import ModelConfig
-from model.attention import attend, attend_cache, transposed_copy, write_cache
+from model import cpu_kernels
+from model.attention import attend, attend_cache, write_cache
 from sharding import constrain
 
 LogicalAxes = tuple[str | None, ...]
@@ -31,33 +36,21 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: LogicalAxes, std: float)
 
 
 def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
-    """Contract the last `contract` dims of x with the first ones of w, as one 2-D matmul.
-
-    Same result as the einsum, but XLA's CPU backend runs a 2-D matmul and its
-    gradients without the transposes it inserts for batched (B x L x ...) operands,
-    about twice as fast for the backward pass; on GPU/TPU it makes no difference.
-    """
-    lead, inner = x.shape[:x.ndim - contract], w.shape[:contract]
-    y = _matmul(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1))
-    return y.reshape(*lead, *w.shape[contract:])
+    """x's last `contract` dims contracted with w's first ones: a plain tensordot."""
+    return jnp.tensordot(x, w, axes=contract)
 
 
-@jax.custom_vjp
-def _matmul(x_TxI: jax.Array, w_IxO: jax.Array) -> jax.Array:
-    """x @ w, whose weight gradient x^T dy takes x^T laid out first (`transposed_copy`)."""
-    return x_TxI @ w_IxO
+Dense = Callable[[jax.Array, jax.Array, int], jax.Array]
+# `model.matmul` -> how the layers contract activations with their weights.
+DENSE_KERNELS: dict[str, Dense] = {"xla": dense, "cpu": cpu_kernels.dense}
 
 
-def _matmul_forward(x_TxI, w_IxO):
-    return x_TxI @ w_IxO, (x_TxI, w_IxO)
-
-
-def _matmul_backward(residuals, d_y_TxO):
-    x_TxI, w_IxO = residuals
-    return d_y_TxO @ w_IxO.T, transposed_copy(x_TxI) @ d_y_TxO
-
-
-_matmul.defvjp(_matmul_forward, _matmul_backward)
+def dense_kernel(matmul: str) -> Dense:
+    """The `dense` a resolved `model.matmul` setting names: `xla` or `cpu`."""
+    if matmul not in DENSE_KERNELS:
+        raise ValueError(f"model.matmul must be one of {', '.join(DENSE_KERNELS)}, got "
+                         f"{matmul!r} (resolve auto with configs.resolve_auto first)")
+    return DENSE_KERNELS[matmul]
 
 
 def zeros(shape: tuple[int, ...], axes: LogicalAxes) -> nnx.Param:
@@ -136,6 +129,7 @@ class Attention(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
         self.impl = cfg.attention
         self.dropout = cfg.attention_dropout
+        self.dense = dense_kernel(cfg.matmul)
 
     def __call__(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
                  segment_ids_BxL: jax.Array | None,
@@ -162,9 +156,9 @@ class Attention(nnx.Module):
     def _project(self, x_BxLxD: jax.Array,
                  positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         dt = self.dtype
-        q_BxLxHxK = dense(x_BxLxD, self.wq_DxHxK[...].astype(dt))
-        k_BxLxGxK = dense(x_BxLxD, self.wk_DxGxK[...].astype(dt))
-        v_BxLxGxK = dense(x_BxLxD, self.wv_DxGxK[...].astype(dt))
+        q_BxLxHxK = self.dense(x_BxLxD, self.wq_DxHxK[...].astype(dt))
+        k_BxLxGxK = self.dense(x_BxLxD, self.wk_DxGxK[...].astype(dt))
+        v_BxLxGxK = self.dense(x_BxLxD, self.wv_DxGxK[...].astype(dt))
         if self.biased:
             q_BxLxHxK = q_BxLxHxK + self.bq_HxK[...].astype(dt)
             k_BxLxGxK = k_BxLxGxK + self.bk_GxK[...].astype(dt)
@@ -179,7 +173,7 @@ class Attention(nnx.Module):
 
     def _output(self, out_BxLxHxK: jax.Array) -> jax.Array:
         out_BxLxHxK = constrain(out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
-        out_BxLxD = dense(out_BxLxHxK, self.wo_HxKxD[...].astype(self.dtype), contract=2)
+        out_BxLxD = self.dense(out_BxLxHxK, self.wo_HxKxD[...].astype(self.dtype), 2)
         return out_BxLxD + self.bo_D[...].astype(self.dtype) if self.biased else out_BxLxD
 
 
@@ -197,16 +191,17 @@ class SwiGLU(nnx.Module):
             self.b_up_F = zeros((f,), ("mlp",))
             self.b_down_D = zeros((d,), ("embed",))
         self.dtype = jnp.dtype(cfg.dtype)
+        self.dense = dense_kernel(cfg.matmul)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate_BxLxF = dense(x_BxLxD, self.w_gate_DxF[...].astype(dt))
-        up_BxLxF = dense(x_BxLxD, self.w_up_DxF[...].astype(dt))
+        gate_BxLxF = self.dense(x_BxLxD, self.w_gate_DxF[...].astype(dt))
+        up_BxLxF = self.dense(x_BxLxD, self.w_up_DxF[...].astype(dt))
         if self.biased:
             gate_BxLxF = gate_BxLxF + self.b_gate_F[...].astype(dt)
             up_BxLxF = up_BxLxF + self.b_up_F[...].astype(dt)
         hidden_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
-        out_BxLxD = dense(hidden_BxLxF, self.w_down_FxD[...].astype(dt))
+        out_BxLxD = self.dense(hidden_BxLxF, self.w_down_FxD[...].astype(dt))
         return out_BxLxD + self.b_down_D[...].astype(dt) if self.biased else out_BxLxD
 
 
@@ -223,15 +218,16 @@ class GeluMLP(nnx.Module):
             self.b_in_F = zeros((f,), ("mlp",))
             self.b_out_D = zeros((d,), ("embed",))
         self.dtype = jnp.dtype(cfg.dtype)
+        self.dense = dense_kernel(cfg.matmul)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.dtype
-        pre_BxLxF = dense(x_BxLxD, self.w_in_DxF[...].astype(dt))
+        pre_BxLxF = self.dense(x_BxLxD, self.w_in_DxF[...].astype(dt))
         if self.biased:
             pre_BxLxF = pre_BxLxF + self.b_in_F[...].astype(dt)
         hidden_BxLxF = jax.nn.gelu(pre_BxLxF, approximate=True)
         hidden_BxLxF = constrain(hidden_BxLxF, ("batch", "length", "mlp"))
-        out_BxLxD = dense(hidden_BxLxF, self.w_out_FxD[...].astype(dt))
+        out_BxLxD = self.dense(hidden_BxLxF, self.w_out_FxD[...].astype(dt))
         return out_BxLxD + self.b_out_D[...].astype(dt) if self.biased else out_BxLxD
 
 

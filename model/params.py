@@ -6,6 +6,7 @@ The NNX module is rebuilt from its graph definition inside the jitted step
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -26,14 +27,20 @@ def _abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     return nnx.split(model)
 
 
+def _parameters_only(cfg: ModelConfig) -> ModelConfig:
+    """cfg with its platform-dependent choices fixed: the parameters (their shapes, axes and
+    initial values) do not depend on them, so a config not yet resolved serves."""
+    return dataclasses.replace(cfg, dtype="float32", attention="xla", matmul="xla")
+
+
 def abstract_params(cfg: ModelConfig) -> Params:
     """ShapeDtypeStructs of every parameter, as a nested dict."""
-    return nnx.to_pure_dict(_abstract(cfg)[1])
+    return nnx.to_pure_dict(_abstract(_parameters_only(cfg))[1])
 
 
 def logical_axes(cfg: ModelConfig) -> Params:
     """The logical axis names of every parameter, in the same nested-dict layout."""
-    state = _abstract(cfg)[1]
+    state = _abstract(_parameters_only(cfg))[1]
     axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(axes)
@@ -41,12 +48,13 @@ def logical_axes(cfg: ModelConfig) -> Params:
 
 def init_params(cfg: ModelConfig, seed: int) -> Params:
     """Freshly initialised parameters (call under jit to create them already sharded)."""
-    _, state = nnx.split(Transformer(cfg, nnx.Rngs(params=seed)))
+    _, state = nnx.split(Transformer(_parameters_only(cfg), nnx.Rngs(params=seed)))
     return nnx.to_pure_dict(state)
 
 
 def merge(cfg: ModelConfig, params: Params) -> Transformer:
-    """The NNX module with these parameter values."""
+    """The NNX module with these parameter values; `cfg` must be resolved for the devices
+    it runs on (`configs.resolve_auto`)."""
     graphdef, abstract_state = _abstract(cfg)
     state = jax.tree.map(lambda x: x, abstract_state)  # a copy we may fill in
     nnx.replace_by_pure_dict(state, params)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from configs import derive_model, resolve_auto
+from configs import check_resolved, derive_model
 from configs.schema import ModelConfig
 from model.layers import Attention, dropout, mlp, norm, param
 from sharding import constrain
@@ -69,10 +69,14 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
 
 
 class Transformer(nnx.Module):
-    """Decoder of either family (`cfg.family`): llama or gpt2."""
+    """Decoder of either family (`cfg.family`): llama or gpt2.
+
+    `cfg` names its kernels: its `auto` settings are resolved by the caller, from the
+    devices the model will run on (`configs.resolve_auto`), never from the host.
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        cfg = derive_model(resolve_auto(cfg, jax.default_backend()))
+        cfg = derive_model(check_resolved(cfg))
         d = cfg.embed_dim
         self.embed_VxD = param(rngs, (cfg.vocab_size, d), ("vocab", "embed"), cfg.embed_init_std)
         self.learned_positions = cfg.family == "gpt2"

@@ -1,17 +1,29 @@
 """Eight fake CPU devices for every test, set before JAX is first imported."""
 
+import dataclasses
 import os
 import shutil
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# XLA:CPU compiles the tests' tiny programs without LLVM's costly optimisations: compiling,
+# not running, is most of a test's time. Every process of the session (subprocesses
+# inherit the flags) computes alike, so comparisons between runs stay exact.
+FAST_COMPILE_FLAGS = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8" + FAST_COMPILE_FLAGS)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The user's cache (~/.cache/io-first-lm: the measured matmul peak) is neither read nor
 # written by tests; one cache serves the session, its subprocesses included.
 _CACHE_HOME = tempfile.mkdtemp(prefix="io-first-lm-test-cache-")
 os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+# One XLA compilation cache for the session, its subprocesses included: a program that
+# another test (or `python -m train` subprocess) compiled is read back instead. JAX takes
+# the first directory a process names, so `train.run` keeps this one; a test of the cache
+# itself runs its subprocesses without it (`without_shared_compile_cache`).
+SHARED_COMPILE_CACHE = os.path.join(_CACHE_HOME, "xla")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = SHARED_COMPILE_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 # The repository root, so tests import the packages whether or not they are installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -19,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from configs import Config, load  # noqa: E402
+from configs import Config, ModelConfig, load, resolve_auto  # noqa: E402
 
 # Tiny shapes: every test compiles in a second or two on 2 cores.
 TINY_OVERRIDES = [
@@ -35,6 +47,28 @@ def tiny_config(*overrides: str) -> Config:
     grouped-query attention (2 kv heads); GPT-2 has none, its kv heads follow its heads."""
     ungrouped = ["model.num_kv_heads=none"] if "model.family=gpt2" in overrides else []
     return load("tiny", TINY_OVERRIDES + ungrouped + list(overrides))
+
+
+def tiny_model_config(*overrides: str) -> ModelConfig:
+    """The tiny model config with `auto` settings resolved for the CPU the tests run on, as
+    `train.run` resolves them for its mesh (a model is built only from a resolved config)."""
+    return resolve_auto(tiny_config(*overrides).model, "cpu")
+
+
+def resolved(config: Config) -> Config:
+    """`config` with its model's `auto` settings resolved for the CPU."""
+    return dataclasses.replace(config, model=resolve_auto(config.model, "cpu"))
+
+
+def without_shared_compile_cache() -> dict[str, str]:
+    """The environment for a subprocess whose run keeps its own compilation cache."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+
+
+def optimised_xla_flags() -> str:
+    """XLA_FLAGS for a subprocess that runs more than it compiles (XLA's usual optimisation)."""
+    return os.environ["XLA_FLAGS"].replace(FAST_COMPILE_FLAGS, "")
 
 
 def corrupt_largest_state_file(step_dir):

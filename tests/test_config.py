@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import re
@@ -60,6 +61,21 @@ def test_config_file_round_trip_and_file_errors(tmp_path):
         load(str(tmp_path / "missing.json"))
 
 
+def test_a_config_saved_before_matmul_existed_loads_and_restores():
+    """Such a run trained with `attention: xla` (then the hand-written kernel, numerically the
+    plain one); `matmul` takes its default, resolved when the run resumes."""
+    from checkpoint.compat import model_mismatch
+
+    saved = configs.to_dict(load(None, ["model.dtype=float32", "model.attention=xla"]))
+    del saved["model"]["matmul"]
+    config = configs.from_dict(saved)
+    assert (config.model.attention, config.model.matmul) == ("xla", "auto")
+    resolved = configs.resolve_auto(config.model, "cpu")
+    assert (resolved.attention, resolved.matmul) == ("xla", "cpu")
+    current = configs.to_dict(dataclasses.replace(config, model=resolved))
+    assert model_mismatch(saved, current) == []
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.num_kv_heads=3", r"model\.num_heads \(4\) must be a multiple of model\.num_kv_heads"),
     ("train.steps=0", r"train\.steps must be positive"),
@@ -68,7 +84,8 @@ def test_config_file_round_trip_and_file_errors(tmp_path):
     ("mesh.rules=[[\"embed\", [\"model\"]]]", r"unknown mesh axes \['model'\]"),
     ("model.family=mamba", r"model\.family must be one of llama, gpt2; got 'mamba'"),
     ("model.remat=some", r"model\.remat must be one of none, full, save_dots"),
-    ("model.attention=flash", r"model\.attention must be one of auto, xla, cudnn, splash"),
+    ("model.attention=flash", r"model\.attention must be one of auto, xla, cpu, cudnn, splash"),
+    ("model.matmul=blas", r"model\.matmul must be one of auto, xla, cpu"),
     ("model.dtype=int8", r"model\.dtype must be one of auto, float32"),
     ("train.microbatches=0", r"train\.microbatches must be positive"),
     ("distributed.num_processes=2", r"need distributed\.coordinator_address"),
@@ -164,7 +181,7 @@ def _just_outside(bound: Range, kind: type) -> list:
 
 def test_the_schema_declares_the_choice_and_range_fields():
     assert {key for key, _ in CHOICE_FIELDS} >= {"model.family", "model.dtype", "model.attention",
-                                                 "model.remat", "optim.schedule"}
+                                                 "model.matmul", "model.remat", "optim.schedule"}
     ranged = {key for key, _, _ in RANGE_FIELDS}
     assert {"model.vocab_size", "model.head_dim", "optim.decay_steps", "seed", "optim.beta2",
             "train.eval_batches", "model.residual_init_std"} <= ranged

@@ -10,7 +10,8 @@ from conftest import tiny_config
 from input import ByteTokenizer, DataError, data_sources, open_prepared, token_stream
 from input.prepare import prepare
 from input.tokenizer import train_bpe
-from train import metrics_log, run
+from observe import metrics_log
+from train import run
 
 TOKENIZER = ByteTokenizer()
 TRAIN_DOCS = [f"train document {i}: " + "word " * (i % 7 + 1) for i in range(12)]

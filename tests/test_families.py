@@ -10,13 +10,8 @@ import pytest
 
 import configs
 import model
-from conftest import tiny_config
-from model.attention import (
-    _softmax_attention,
-    _softmax_attention_forward,
-    attend,
-    dot_product_attention,
-)
+from conftest import tiny_config, tiny_model_config
+from model.attention import attend, dot_product_attention
 from model.layers import dropout
 from sharding import make_mesh, use_rules
 from train.step import loss_fn
@@ -26,6 +21,7 @@ FAMILIES = ("llama", "gpt2")
 
 def _params(cfg, seed=0):
     return jax.jit(lambda: model.init_params(cfg, seed))()
+
 
 
 @pytest.mark.parametrize("preset, published", [
@@ -54,7 +50,7 @@ def test_gpt2_has_its_own_layers_and_ties_its_embeddings():
 
 @pytest.mark.parametrize("family", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_each_family_is_causal_and_respects_documents(family):
-    cfg = tiny_config(f"model.family={family}").model
+    cfg = tiny_model_config(f"model.family={family}")
     forward = jax.jit(lambda p, t, pos, seg: model.merge(cfg, p)(t, pos, seg))
     params = _params(cfg)
     tokens_BxL = jax.random.randint(jax.random.key(3), (2, 12), 0, 256)
@@ -88,50 +84,11 @@ def test_dot_product_attention_path_matches_xla_with_segments():
     assert not np.allclose(attend(q, k, v, None, "xla"), expected, atol=1e-3)
 
 
-def test_hand_written_attention_backward_equals_autodiff_of_the_reference():
-    q, k, v, segments = _qkv()
-    weights = jax.random.normal(jax.random.key(9), q.shape)
-
-    def loss(fn, q, k, v):
-        return jnp.sum(fn(q, k, v) * weights)
-
-    ours = jax.grad(functools.partial(loss, lambda q, k, v: attend(q, k, v, segments, "xla")),
-                    argnums=(0, 1, 2))(q, k, v)
-    reference = jax.grad(functools.partial(
-        loss, lambda q, k, v: dot_product_attention(q, k, v, segments, "xla")),
-        argnums=(0, 1, 2))(q, k, v)
-    for name, a, b in zip("qkv", ours, reference, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"d{name}")
-
-
-def test_attention_dropout_backward_equals_autodiff_of_its_forward():
-    q, k, v, segments = _qkv()
-    batch, length, heads, head_dim = q.shape
-    groups = k.shape[2]
-    as_groups = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # B x G x L x K
-    q_BxGxNxK = as_groups(q)[:, :groups]
-    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
-    keep = jax.random.bernoulli(jax.random.key(4), 0.7, (batch, groups, length, length)) / 0.7
-    weights = jax.random.normal(jax.random.key(9), q_BxGxNxK.shape)
-
-    def loss(fn, q, k, v):
-        return jnp.sum(fn(q, k, v, mask, keep) * weights)
-
-    args = (q_BxGxNxK, as_groups(k), as_groups(v))
-    ours = jax.grad(functools.partial(loss, _softmax_attention), argnums=(0, 1, 2))(*args)
-    forward = lambda *a: _softmax_attention_forward(*a)[0]  # noqa: E731
-    reference = jax.grad(functools.partial(loss, forward), argnums=(0, 1, 2))(*args)
-    for name, a, b in zip("qkv", ours, reference, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=f"d{name}")
-    dropped = _softmax_attention(*args, mask, keep)
-    assert not np.allclose(dropped, _softmax_attention(*args, mask, None))
-
-
 def test_dropout_changes_training_losses_by_key_and_never_evaluation():
     rates = ("model.embed_dropout=0.1", "model.attention_dropout=0.1",
              "model.residual_dropout=0.1")
-    cfg = tiny_config(*rates).model
-    plain = tiny_config().model
+    cfg = tiny_model_config(*rates)
+    plain = tiny_model_config()
     params = _params(cfg)
     batch = _batch(cfg)
     loss = jax.jit(lambda key: loss_fn(params, batch, cfg, key)[0])
@@ -150,6 +107,7 @@ def test_dropout_zeroes_its_rate_and_keeps_the_mean():
     assert dropout(x, 0.25, None) is x
 
 
+@pytest.mark.slow
 def test_splash_kernel_matches_xla_sharded_and_not():
     # Off TPU the Pallas kernel runs in its interpreter: slow, so small shapes.
     q, k, v, segments = _qkv()
@@ -182,6 +140,7 @@ def _batch(cfg, rows=4, length=32, seed=7):
 
 
 def _loss_and_grads(cfg, params, batch):
+    cfg = configs.resolve_auto(cfg, "cpu")
     (loss, _), grads = jax.jit(jax.value_and_grad(
         lambda p: loss_fn(p, batch, cfg), has_aux=True))(params)
     return loss, grads
@@ -222,6 +181,7 @@ def test_fused_loss_equals_the_loss_over_whole_logits():
         np.testing.assert_allclose(fused_loss, loss, rtol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                      fused_grads, grads)
+    cfg = configs.resolve_auto(cfg, "cpu")
     eval_loss = jax.jit(lambda p: loss_fn(p, batch, cfg)[0])(params)  # no gradient path
     np.testing.assert_allclose(eval_loss, loss, rtol=1e-6)
 
@@ -242,9 +202,59 @@ def test_bfloat16_compute_keeps_float32_parameters_and_a_close_loss():
 
 def test_auto_settings_resolve_per_platform():
     cfg = tiny_config().model
-    assert (cfg.dtype, cfg.attention) == ("auto", "auto")
+    assert (cfg.dtype, cfg.attention, cfg.matmul) == ("auto", "auto", "auto")
     cpu, gpu, tpu = (configs.resolve_auto(cfg, p) for p in ("cpu", "gpu", "tpu"))
-    assert (cpu.dtype, cpu.attention) == ("float32", "xla")
-    assert (gpu.dtype, gpu.attention) == ("bfloat16", "cudnn")
-    assert (tpu.dtype, tpu.attention) == ("bfloat16", "splash")
+    assert (cpu.dtype, cpu.attention, cpu.matmul) == ("float32", "cpu", "cpu")
+    assert (gpu.dtype, gpu.attention, gpu.matmul) == ("bfloat16", "cudnn", "xla")
+    assert (tpu.dtype, tpu.attention, tpu.matmul) == ("bfloat16", "splash", "xla")
     assert configs.resolve_auto(tiny_config("model.dtype=float32").model, "tpu").dtype == "float32"
+    dropping = tiny_config("model.attention_dropout=0.1").model
+    assert [configs.resolve_auto(dropping, p).attention for p in ("cpu", "gpu", "tpu")] == [
+        "cpu", "xla", "xla"]
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_cpu_attention_equals_the_plain_kernel_and_its_gradients(dropout):
+    """Grouped queries (4 heads over 2 kv heads), two documents in a row; with dropout, one
+    key drops the same probabilities in both kernels."""
+    q, k, v, segments = _qkv()
+    weights = jax.random.normal(jax.random.key(9), q.shape)
+    drop = (0.3, jax.random.key(5)) if dropout else None
+
+    def through(impl):
+        def loss(q, k, v):
+            return jnp.sum(attend(q, k, v, segments, impl, drop) * weights)
+        return attend(q, k, v, segments, impl, drop), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    for name, got, want in zip(("out", "dq", "dk", "dv"), through("cpu"), through("xla"),
+                               strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+    if dropout:
+        assert not np.allclose(through("xla")[0], attend(q, k, v, segments, "xla"))
+
+
+def test_a_model_on_the_cpu_kernels_equals_it_on_the_plain_ones():
+    plain = tiny_model_config("model.matmul=xla", "model.attention=xla")
+    tuned = tiny_model_config()
+    assert (tuned.matmul, tuned.attention) == ("cpu", "cpu")
+    params = _params(plain)
+    batch = _batch(plain)
+    loss, grads = _loss_and_grads(plain, params, batch)
+    tuned_loss, tuned_grads = _loss_and_grads(tuned, params, batch)
+    np.testing.assert_allclose(tuned_loss, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 tuned_grads, grads)
+
+
+@pytest.mark.parametrize("matmul, attention, barrier", [
+    ("xla", "xla", False), ("cpu", "xla", True), ("xla", "cpu", True)])
+def test_only_the_cpu_kernels_put_an_optimization_barrier_in_the_step(matmul, attention,
+                                                                       barrier):
+    """The barrier keeps XLA:CPU's transposed copies; in a GPU or TPU program (matmul xla,
+    attention xla or a fused kernel) it would only stop fusions."""
+    cfg = tiny_model_config(f"model.matmul={matmul}", f"model.attention={attention}",
+                        "model.num_layers=1")
+    params = _params(cfg)
+    batch = _batch(cfg, rows=2)
+    text = jax.jit(jax.grad(lambda p: loss_fn(p, batch, cfg)[0])).lower(params).as_text()
+    assert ("optimization_barrier" in text) == barrier

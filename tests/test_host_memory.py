@@ -6,14 +6,14 @@ import textwrap
 
 import pytest
 
-from train import host_memory
+from train.process import host_memory
 
 # Allocates and frees a 300 MB block from a worker thread (as XLA:CPU does), then
 # prints how much of it the process still holds.
 _PROBE = textwrap.dedent("""
     import sys, threading
     sys.path.insert(0, {repo!r})
-    from train import host_memory
+    from train.process import host_memory
     applied = host_memory.keep_freed_memory() if sys.argv[1] == "keep" else False
 
     def rss_mb():

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import jax
@@ -7,15 +8,18 @@ import pytest
 
 import configs
 import model
-from conftest import tiny_config
+from configs.resolve import AUTO_FIELDS
+from conftest import tiny_config, tiny_model_config
+from model import cpu_kernels
 
 
 def _params(cfg, seed=0):
     return jax.jit(lambda: model.init_params(cfg, seed))()
 
 
+
 def test_logits_shape_and_dtype():
-    cfg = tiny_config().model
+    cfg = tiny_model_config()
     tokens_BxL = jnp.zeros((3, 7), jnp.int32)
     logits_BxLxV = model.merge(cfg, _params(cfg))(tokens_BxL)
     assert logits_BxLxV.shape == (3, 7, cfg.vocab_size)
@@ -23,7 +27,7 @@ def test_logits_shape_and_dtype():
 
 
 def test_changing_a_future_token_changes_no_earlier_logit():
-    cfg = tiny_config().model
+    cfg = tiny_model_config()
     forward = jax.jit(lambda p, t: model.merge(cfg, p)(t))
     params = _params(cfg)
     tokens_BxL = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
@@ -36,6 +40,7 @@ def test_changing_a_future_token_changes_no_earlier_logit():
 def _first_loss(cfg, rows: int = 4, length: int = 256) -> float:
     """The loss of freshly initialised parameters on uniformly random tokens."""
     tokens_BxL = jax.random.randint(jax.random.key(2), (rows, length + 1), 0, cfg.vocab_size)
+    cfg = configs.resolve_auto(cfg, "cpu")
 
     def loss():
         logits = model.merge(cfg, model.init_params(cfg, 0))(tokens_BxL[:, :-1])
@@ -116,7 +121,7 @@ def test_cross_entropy_ignores_zero_weight_tokens():
 
 
 def test_a_packed_document_matches_the_same_document_alone():
-    cfg = tiny_config().model
+    cfg = tiny_model_config()
     forward = jax.jit(lambda p, t, pos, seg: model.merge(cfg, p)(t, pos, seg))
     params = _params(cfg)
     doc_a = jax.random.randint(jax.random.key(4), (5,), 0, 256)
@@ -128,22 +133,31 @@ def test_a_packed_document_matches_the_same_document_alone():
     np.testing.assert_allclose(packed[0, 5:], alone[0], rtol=1e-5, atol=1e-5)
 
 
-def test_dense_gradients_equal_those_of_the_einsum():
-    """`dense` has its own backward (x^T laid out before the weight-gradient matmul)."""
-    from model.layers import dense
+@pytest.mark.parametrize("contract", [1, 2])
+def test_cpu_dense_and_its_gradients_equal_the_tensordot(contract):
+    """The cpu kernel has its own backward (x^T laid out before the weight-gradient matmul)."""
     x_BxLxHxK = jax.random.normal(jax.random.key(0), (2, 5, 3, 4))
-    w_HxKxD = jax.random.normal(jax.random.key(1), (3, 4, 6))
-    d_y = jax.random.normal(jax.random.key(2), (2, 5, 6))
+    w = jax.random.normal(jax.random.key(1), (4, 6) if contract == 1 else (3, 4, 6))
+    d_y = jax.random.normal(jax.random.key(2), (2, 5, 3, 6) if contract == 1 else (2, 5, 6))
 
     def through(f):
-        return jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * d_y), argnums=(0, 1)))(
-            x_BxLxHxK, w_HxKxD)
+        y = f(x_BxLxHxK, w, contract)
+        grads = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w, contract) * d_y),
+                                 argnums=(0, 1)))(x_BxLxHxK, w)
+        return y, *grads
 
-    ours = through(lambda x, w: dense(x, w, contract=2))
-    reference = through(lambda x, w: jnp.einsum("blhk,hkd->bld", x, w))
-    for got, want in zip(ours, reference, strict=True):
-        assert got.shape == want.shape
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    ours = through(cpu_kernels.dense)
+    reference = through(lambda x, w, contract: jnp.tensordot(x, w, axes=contract))
+    for name, got, want in zip(("y", "dx", "dw"), ours, reference, strict=True):
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("field", AUTO_FIELDS)
+def test_a_model_of_an_unresolved_config_names_the_auto_field(field):
+    cfg = dataclasses.replace(tiny_model_config(), **{field: "auto"})
+    with pytest.raises(configs.ConfigError, match=rf"model\.{field} is still auto.*resolve_auto"):
+        model.merge(cfg, _params(cfg))
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -16,7 +16,9 @@ import configs
 import input as data_input
 from checkpoint import checkpoint_dir
 from conftest import TINY_OVERRIDES, tiny_config
-from train import distributed, metrics_log, run
+from observe import metrics_log
+from train import run
+from train.process import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fsdp=2: parameters and optimizer state are split, so each process saves only its shards.

@@ -14,8 +14,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from configs import ConfigError
 from configs.schema import ProfileConfig
 from conftest import tiny_config
-from train import metrics_log, profiling, report, run, tensorboard_log
-from train.progress import CLEAR_LINE, Console, StepBar, eta_seconds, format_duration
+from observe import metrics_log, profiling, report, tensorboard_log
+from observe.progress import CLEAR_LINE, Console, StepBar, eta_seconds, format_duration
+from train import run
 
 
 class FakeStream(io.StringIO):
@@ -209,7 +210,7 @@ def _step_executions(trace_events: list[dict]) -> int:
     """Executions of the compiled train step: one event each (per-device copies are '[i] ...')."""
     return sum(1 for e in trace_events if e.get("ph") == "X"
                and e.get("name", "").startswith("CommonPjRtLoadedExecutable::Execute")
-               and e["name"].endswith("(jit_step_fn)"))
+               and e["name"].endswith("(jit_train_step)"))
 
 
 @pytest.mark.slow

@@ -1,11 +1,11 @@
-"""`python -m train.report`: the PNG of a run's curves from metrics.jsonl, and its input errors."""
+"""`python -m observe.report`: a PNG of the curves in metrics.jsonl, and its input errors."""
 
 import json
 
 import pytest
 from PIL import Image
 
-from train import report
+from observe import report
 
 
 def _train(step, loss, tokens_per_s=1000.0, data_wait_pct=1.0):

@@ -18,9 +18,14 @@ import numpy as np
 import pytest
 
 import configs
-from checkpoint import Checkpointer, CheckpointError, restore_params
+from checkpoint import Checkpointer, CheckpointError, aftermath, restore_params
 from checkpoint.inspect import main as inspect_main
-from conftest import TINY_OVERRIDES, corrupt_largest_state_file, tiny_config
+from conftest import (
+    TINY_OVERRIDES,
+    corrupt_largest_state_file,
+    tiny_config,
+    without_shared_compile_cache,
+)
 from sharding import make_mesh, with_shardings
 from train import run
 from train.optimizer import make_optimizer
@@ -28,12 +33,14 @@ from train.state import abstract_state, init_state, state_shardings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = ("train.steps=40", "checkpoint.every=2", "train.log_every=1", "train.eval_batches=1")
+SAVED_RUN = ("train.steps=6", "checkpoint.every=2", "train.eval_batches=0")
 
 
-def _start(run_dir, *overrides):
+def _start(run_dir, *overrides, env=None):
     return subprocess.Popen(
         [sys.executable, "-m", "train", *TINY_OVERRIDES, *LONG, f"run_dir={run_dir}",
-         *overrides], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         *overrides], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env)
 
 
 def _wait_for_line(process, pattern):
@@ -57,6 +64,21 @@ def _final_params(run_dir, config):
     return step, restore_params(run_dir / "checkpoints", step, target)
 
 
+@pytest.fixture(scope="module")
+def _saved_run(tmp_path_factory):
+    """A tiny run of 6 steps stopped after step 4, with checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("saved_run")
+    run(tiny_config(*SAVED_RUN, f"run_dir={run_dir}", "train.stop_after=4"))
+    return run_dir
+
+
+@pytest.fixture
+def saved_run(_saved_run, tmp_path):
+    """A copy of `_saved_run` in this test's tmp_path, for the test to damage."""
+    shutil.copytree(_saved_run, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
 @pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     process = _start(tmp_path)
@@ -71,8 +93,8 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     ckpt = Checkpointer(tmp_path / "checkpoints", tiny_config().checkpoint)
     assert ckpt.latest_step() == stopped
     ckpt.close()
-    resumed = run(tiny_config(*LONG, f"run_dir={tmp_path}"))
-    assert resumed.start_step == stopped and resumed.final_step == 40
+    resumed = run(tiny_config(*LONG, "train.stop_after=2", f"run_dir={tmp_path}"))
+    assert resumed.start_step == stopped and resumed.final_step == stopped + 2
 
 
 @pytest.mark.slow
@@ -112,10 +134,8 @@ def test_kill9_at_random_moments_resumes_bit_identical(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_damaged_file_names_step_and_file_and_can_fall_back(tmp_path):
-    common = ("train.steps=6", "checkpoint.every=2", "train.eval_batches=0",
-              f"run_dir={tmp_path}")
-    run(tiny_config(*common, "train.stop_after=4"))
+def test_damaged_file_names_step_and_file_and_can_fall_back(saved_run):
+    tmp_path, common = saved_run, (*SAVED_RUN, f"run_dir={saved_run}")
     damaged = corrupt_largest_state_file(tmp_path / "checkpoints" / "4")
     with pytest.raises(CheckpointError, match=rf"(?s)step 4: file {damaged}.*CRC32.*"
                                               r"checkpoint\.fallback=true"):
@@ -125,21 +145,19 @@ def test_damaged_file_names_step_and_file_and_can_fall_back(tmp_path):
 
 
 @pytest.mark.parametrize("manifest", ['{"broken', '["a list"]', '{"state/x": {"size": "1"}}'])
-def test_a_damaged_checksum_file_is_named_and_can_fall_back(tmp_path, manifest):
-    common = ("checkpoint.every=2", "train.eval_batches=0", f"run_dir={tmp_path}")
-    run(tiny_config("train.steps=4", *common))
+def test_a_damaged_checksum_file_is_named_and_can_fall_back(saved_run, manifest):
+    tmp_path, common = saved_run, (*SAVED_RUN, f"run_dir={saved_run}")
     damaged = tmp_path / "checkpoints" / "4" / "checksums.json"
     damaged.write_text(manifest)
     with pytest.raises(CheckpointError, match=rf"step 4: its checksum file {damaged} is unre"):
-        run(tiny_config("train.steps=6", *common))
-    resumed = run(tiny_config("train.steps=6", *common, "checkpoint.fallback=true"))
+        run(tiny_config(*common))
+    resumed = run(tiny_config(*common, "checkpoint.fallback=true"))
     assert resumed.start_step == 2 and resumed.final_step == 6
 
 
 @pytest.mark.parametrize("checksummed", [True, False])
-def test_a_damaged_saved_config_is_named_and_can_fall_back(tmp_path, checksummed):
-    common = ("checkpoint.every=2", "train.eval_batches=0", f"run_dir={tmp_path}")
-    run(tiny_config("train.steps=4", *common))
+def test_a_damaged_saved_config_is_named_and_can_fall_back(saved_run, checksummed):
+    tmp_path, common = saved_run, (*SAVED_RUN, f"run_dir={saved_run}")
     step_dir = tmp_path / "checkpoints" / "4"
     if not checksummed:  # as written before checksums existed
         (step_dir / "checksums.json").unlink()
@@ -147,22 +165,21 @@ def test_a_damaged_saved_config_is_named_and_can_fall_back(tmp_path, checksummed
     expected = (rf"step 4: file {step_dir / 'config' / 'metadata'} has" if checksummed else
                 rf"step 4 in {step_dir.parent}: its saved config could not be read")
     with pytest.raises(CheckpointError, match=rf"(?s){expected}.*checkpoint\.fallback=true"):
-        run(tiny_config("train.steps=6", *common))
-    resumed = run(tiny_config("train.steps=6", *common, "checkpoint.fallback=true"))
+        run(tiny_config(*common))
+    resumed = run(tiny_config(*common, "checkpoint.fallback=true"))
     assert resumed.start_step == 2 and resumed.final_step == 6
 
 
-def test_truncated_file_is_named(tmp_path):
-    common = ("checkpoint.every=2", "train.eval_batches=0", f"run_dir={tmp_path}")
-    run(tiny_config("train.steps=2", *common))
-    files = sorted((p for p in (tmp_path / "checkpoints" / "2").rglob("*") if p.is_file()),
+def test_truncated_file_is_named(saved_run):
+    tmp_path = saved_run
+    files = sorted((p for p in (tmp_path / "checkpoints" / "4").rglob("*") if p.is_file()),
                    key=lambda p: p.stat().st_size)
     with open(files[-1], "r+b") as f:
         f.truncate(10)
     # Orbax fails on the truncated file while the checksums are verified beside it: the
     # error names the file all the same.
-    with pytest.raises(CheckpointError, match=rf"step 2: file {files[-1]} has 10 bytes"):
-        run(tiny_config("train.steps=4", *common))
+    with pytest.raises(CheckpointError, match=rf"step 4: file {files[-1]} has 10 bytes"):
+        run(tiny_config(*SAVED_RUN, f"run_dir={tmp_path}"))
 
 
 @pytest.mark.slow
@@ -213,13 +230,13 @@ def test_restart_reads_the_compiled_step_from_the_cache(tmp_path):
     for start in range(3):
         if start == 2:  # without the saved executable, XLA's cache still skips compiling
             shutil.rmtree(tmp_path / "compile_cache" / "train_steps")
-        process = _start(tmp_path, "train.stop_after=2")
+        process = _start(tmp_path, "train.stop_after=2", env=without_shared_compile_cache())
         outputs.append(process.communicate(timeout=120)[0])
         assert process.returncode == 0, outputs[-1][-1000:]
     assert "train step compiled in" in outputs[0]
     assert "train step loaded as a saved executable (no tracing) in" in outputs[1]
     assert "train step from the compilation cache in" in outputs[2]
-    assert not (tmp_path / "compile_cache" / "train_steps").exists()  # see executable_cache.save
+    assert not (tmp_path / "compile_cache" / "train_steps").exists()  # see executables.save
     assert [int(line.split()[1]) for text in outputs for line in text.splitlines()
             if line.startswith("step ")] == [1, 2, 3, 4, 5, 6]
 
@@ -272,10 +289,8 @@ def test_sigusr1_saves_at_the_next_step(tmp_path):
     assert (tmp_path / "checkpoints" / str(requested)).is_dir()
 
 
-def test_half_written_later_step_is_ignored_on_resume(tmp_path):
-    common = ("train.steps=6", "checkpoint.every=2", "train.eval_batches=0",
-              f"run_dir={tmp_path}")
-    run(tiny_config(*common, "train.stop_after=4"))
+def test_half_written_later_step_is_ignored_on_resume(saved_run):
+    tmp_path, common = saved_run, (*SAVED_RUN, f"run_dir={saved_run}")
     partial = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-99"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "junk").write_bytes(b"half a write")
@@ -292,11 +307,10 @@ def test_synchronous_saves_are_committed_checksummed_and_resumable(tmp_path):
     assert first.final_step == 2 and resumed.start_step == 2 and resumed.final_step == 4
 
 
-def test_damaged_final_step_falls_back_and_finishes_training(tmp_path):
+def test_damaged_final_step_falls_back_and_finishes_training(saved_run):
     common = ("train.steps=4", "checkpoint.every=2", "train.eval_batches=0",
-              f"run_dir={tmp_path}")
-    run(tiny_config(*common))
-    corrupt_largest_state_file(tmp_path / "checkpoints" / "4")
+              f"run_dir={saved_run}")
+    corrupt_largest_state_file(saved_run / "checkpoints" / "4")
     resumed = run(tiny_config(*common, "checkpoint.fallback=true"))
     assert resumed.start_step == 2 and resumed.final_step == 4
 
@@ -319,6 +333,7 @@ def _files_limited_to(size):
 def test_a_failed_write_is_one_error_naming_step_directory_and_cause(tmp_path, monkeypatch):
     unraisable = []  # what Python would print as "Exception ignored in: ..."
     monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(u.exc_value))
+    aftermath.install()  # as the commands and `train.run` do
     config = tiny_config()
     mesh = make_mesh(config.mesh)
     tx = make_optimizer(config.optim, 10)
@@ -372,6 +387,19 @@ def test_a_run_whose_save_fails_exits_2_with_one_error_and_no_tracebacks(tmp_pat
     assert "no checkpoint of this run is complete" in result.stderr
     assert "Traceback" not in result.stderr and "never retrieved" not in result.stderr
     assert not [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+@pytest.mark.slow
+def test_a_run_whose_restore_fails_exits_2_with_one_error_and_no_tracebacks(saved_run):
+    damaged = corrupt_largest_state_file(saved_run / "checkpoints" / "4")
+    result = subprocess.run(
+        [sys.executable, "-m", "train", *TINY_OVERRIDES, *SAVED_RUN, f"run_dir={saved_run}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"step 4: file {damaged}" in errors[0]
+    for debris in ("Traceback", "never retrieved", "Exception ignored", "Event loop is closed"):
+        assert debris not in result.stderr + result.stdout
 
 
 def _collect_failed_writes():

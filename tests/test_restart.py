@@ -4,24 +4,27 @@ import functools
 import gc
 import os
 import shutil
+import weakref
 
 import jax
 import numpy as np
 import pytest
 
 import configs
-from conftest import tiny_config
+from conftest import resolved, tiny_config
 from sharding import batch_sharding, make_mesh, shardings_of
-from train import compile_cache, executable_cache, run
-from train.collector import StartUp
-from train.compiled import compile_train_step
+from train import run
+from train.compile import executables, jax_cache
+from train.compile.step import compile_train_step
 from train.optimizer import make_optimizer
+from train.process.collector import StartUp
 from train.state import init_state, state_target
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _compile(config, saved, reports):
+    config = resolved(config)
     mesh = make_mesh(config.mesh)
     tx = make_optimizer(config.optim, config.train.steps)
     target = state_target(config, mesh, tx)
@@ -62,36 +65,36 @@ def test_a_saved_step_computes_what_the_compiled_one_does(tmp_path):
 def test_the_key_changes_with_what_builds_the_step_and_only_that(monkeypatch):
     base = configs.to_dict(tiny_config())
     devices = jax.devices()
-    key = executable_cache.key(base, devices)
-    assert key == executable_cache.key(configs.to_dict(tiny_config()), devices)
+    key = executables.key(base, devices)
+    assert key == executables.key(configs.to_dict(tiny_config()), devices)
     for override in ("train.log_every=7", "train.stop_after=1", "checkpoint.every=9",
                      "data.prefetch_batches=1", "run_dir=elsewhere"):
-        assert executable_cache.key(configs.to_dict(tiny_config(override)), devices) == key
+        assert executables.key(configs.to_dict(tiny_config(override)), devices) == key
     for override in ("model.num_layers=3", "optim.learning_rate=0.01", "train.steps=7",
                      "train.batch_size=16", "data.seq_len=64", "mesh.fsdp=2", "seed=1"):
         changed = configs.to_dict(tiny_config(override))
-        assert executable_cache.key(changed, devices) != key, override
-    assert executable_cache.key(base, devices[:4]) != key
-    assert executable_cache.key(base, devices[::-1]) != key
+        assert executables.key(changed, devices) != key, override
+    assert executables.key(base, devices[:4]) != key
+    assert executables.key(base, devices[::-1]) != key
     monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"] + " --xla_cpu_enable_fast_math=true")
-    assert executable_cache.key(base, devices) != key
+    assert executables.key(base, devices) != key
 
 
 def test_any_change_to_the_step_code_changes_the_source_digest(tmp_path):
-    for package in executable_cache.STEP_PACKAGES:
+    for package in executables.STEP_PACKAGES:
         shutil.copytree(os.path.join(REPO, package), tmp_path / package,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    assert executable_cache.source_digest(root=tmp_path) == executable_cache.source_digest()
+    assert executables.source_digest(root=tmp_path) == executables.source_digest()
     loss = tmp_path / "model" / "loss.py"
     loss.write_text(loss.read_text() + "\n# a comment is a change too\n")
-    assert executable_cache.source_digest(root=tmp_path) != executable_cache.source_digest()
+    assert executables.source_digest(root=tmp_path) != executables.source_digest()
 
 
 @pytest.mark.slow
 def test_a_step_from_the_compilation_cache_is_not_saved(tmp_path, monkeypatch):
     # On XLA:CPU such an executable serializes without its kernels and fails when run.
     served = iter(range(100))
-    monkeypatch.setattr(compile_cache, "hits", lambda: next(served))  # every compile a hit
+    monkeypatch.setattr(jax_cache, "hits", lambda: next(served))  # every compile a hit
     reports = []
     step, _, _ = _compile(tiny_config("model.mlp_dim=48"), tmp_path, reports)
     assert step.source == "compilation cache"
@@ -110,42 +113,41 @@ def test_a_damaged_saved_step_is_reported_and_compiled_again(tmp_path):
 
 
 def test_only_the_most_recently_used_entries_are_kept(tmp_path, monkeypatch):
-    monkeypatch.setattr(executable_cache, "KEEP", 2)
+    monkeypatch.setattr(executables, "KEEP", 2)
     compiled = jax.jit(lambda x: x + 1).lower(1.0).compile()
     devices, reports = jax.devices()[:1], []  # where jit put it
-    executable_cache.save(tmp_path, "a", compiled, reports.append)
-    executable_cache.save(tmp_path, "b", compiled, reports.append)
+    executables.save(tmp_path, "a", compiled, reports.append)
+    executables.save(tmp_path, "b", compiled, reports.append)
     os.utime(tmp_path / "a.pkl", (1, 1))
     os.utime(tmp_path / "b.pkl", (2, 2))
-    assert executable_cache.load(tmp_path, "a", devices, reports.append) is not None  # used now
-    executable_cache.save(tmp_path, "c", compiled, reports.append)
+    assert executables.load(tmp_path, "a", devices, reports.append) is not None  # used now
+    executables.save(tmp_path, "c", compiled, reports.append)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pkl", "c.pkl"]
-    assert float(executable_cache.load(tmp_path, "c", devices, reports.append)(1.0)) == 2.0
-    assert executable_cache.load(tmp_path, "b", devices, reports.append) is None
+    assert float(executables.load(tmp_path, "c", devices, reports.append)(1.0)) == 2.0
+    assert executables.load(tmp_path, "b", devices, reports.append) is None
     assert reports == []
 
 
-def test_start_up_pauses_the_collector_then_freezes_what_it_made():
-    assert gc.isenabled() and gc.get_freeze_count() == 0
-    with StartUp() as startup:
-        assert not gc.isenabled()
-        startup.done()
-        assert gc.isenabled() and gc.get_freeze_count() > 0
-    assert gc.isenabled() and gc.get_freeze_count() == 0
+def test_a_run_leaves_the_collector_as_it_found_it_and_keeps_nothing_collectable(tmp_path):
+    class Node:
+        pass
+
+    alive_through_the_run = Node()
+    alive_through_the_run.itself = alive_through_the_run  # only the collector frees a cycle
+    freed = weakref.ref(alive_through_the_run)
+    with pytest.raises(configs.ConfigError):
+        run(tiny_config("train.batch_size=12", f"run_dir={tmp_path}"))
+    assert gc.isenabled()
+    result = run(tiny_config("train.steps=2", "train.eval_batches=0", f"run_dir={tmp_path}"))
+    assert result.final_step == 2 and gc.isenabled()
+    del alive_through_the_run  # frozen while the run trained: a notebook would leak it
+    gc.collect()
+    assert freed() is None
     gc.disable()  # a caller who turned the collector off keeps it off
     try:
         with StartUp() as startup:
             startup.done()
             assert not gc.isenabled()
-        assert not gc.isenabled() and gc.get_freeze_count() == 0
+        assert not gc.isenabled()
     finally:
         gc.enable()
-
-
-def test_a_run_leaves_the_collector_as_it_found_it(tmp_path):
-    with pytest.raises(configs.ConfigError):
-        run(tiny_config("train.batch_size=12", f"run_dir={tmp_path}"))
-    assert gc.isenabled() and gc.get_freeze_count() == 0
-    result = run(tiny_config("train.steps=2", "train.eval_batches=0", f"run_dir={tmp_path}"))
-    assert result.final_step == 2
-    assert gc.isenabled() and gc.get_freeze_count() == 0

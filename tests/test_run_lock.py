@@ -9,7 +9,7 @@ import pytest
 
 from conftest import TINY_OVERRIDES, tiny_config
 from train import run
-from train.run_lock import RunDirInUseError, held
+from train.process.run_lock import RunDirInUseError, held
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ("train.steps=2", "checkpoint.every=0", "train.eval_batches=0")
@@ -27,7 +27,7 @@ def test_a_second_run_on_the_same_run_dir_is_refused_naming_the_first(tmp_path):
 
 def test_the_cli_refuses_a_held_run_dir_and_a_killed_holder_leaves_no_lock(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from train.run_lock import held\n"
+        [sys.executable, "-c", "import sys, time; from train.process.run_lock import held\n"
          f"with held({str(tmp_path)!r}, 0):\n print('held', flush=True); time.sleep(600)"],
         cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:

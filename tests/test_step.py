@@ -10,10 +10,10 @@ import pytest
 
 import configs
 import model
-from conftest import tiny_config
+from conftest import resolved, tiny_config
+from observe import flops
 from sharding import batch_sharding, make_mesh, shardings_of
-from train import flops
-from train.compiled import StepMemory, check_fits, compile_train_step
+from train.compile.step import StepMemory, check_fits, compile_train_step
 from train.optimizer import make_optimizer
 from train.state import init_state, state_target
 
@@ -29,6 +29,7 @@ def _batch(rows, length, seed=0):
 
 
 def _one_step(config, devices=None):
+    config = resolved(config)
     mesh = make_mesh(config.mesh, devices)
     tx = make_optimizer(config.optim, config.train.steps)
     target = state_target(config, mesh, tx)

@@ -1,7 +1,7 @@
 """The training loop: `run(config)` for notebooks, `python -m train` for the command line.
 
-`run` is imported on first use, so that `python -m train` can set up host memory
-(`train.host_memory`) before JAX and the checkpoint libraries start their threads.
+`run` is imported on first use, so that `python -m train` can set up its process
+(`train.process`) before JAX and the checkpoint libraries start their threads.
 """
 
 from __future__ import annotations

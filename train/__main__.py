@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import gc
+import argparse
+import sys
 
-gc.disable()  # imports make ~0.15 M lasting objects and no garbage: see train/collector.py
+from train import process
 
-from train import host_memory  # noqa: E402
-
-# First, before JAX, Orbax and TensorStore start their threads (each picks its malloc
-# arena when it starts).
-host_memory.keep_freed_memory()
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
-
-import checkpoint  # noqa: E402
-import configs  # noqa: E402
-import input as data_input  # noqa: E402
-import sharding  # noqa: E402
-from train import distributed  # noqa: E402
-from train.loop import run  # noqa: E402
-from train.run_lock import RunDirInUseError  # noqa: E402
+with process.started():  # before JAX and the checkpoint libraries: see train/process
+    import checkpoint
+    import configs
+    import input as data_input
+    import sharding
+    from train.loop import run
+    from train.process import distributed
+    from train.process.run_lock import RunDirInUseError
 
 USER_ERRORS = (configs.ConfigError, data_input.DataError, sharding.MeshError,
                checkpoint.CheckpointError, RunDirInUseError)
-
-gc.freeze()  # what the imports made is never scanned again
-gc.enable()
 
 
 def main(argv: list[str] | None = None) -> int:

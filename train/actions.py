@@ -14,13 +14,13 @@ import jax
 import checkpoint
 import configs
 from configs.schema import Config
-from train import flops
+from observe import flops
+from observe.goodput import Goodput
+from observe.metrics_log import MetricsLog
+from observe.progress import Console
 from train.evaluation import Evaluator
 from train.feed import DataPosition
-from train.goodput import Goodput
-from train.metrics_log import MetricsLog
-from train.preemption import Preemption
-from train.progress import Console
+from train.process.preemption import Preemption
 from train.schedule import itstime
 from train.state import TrainState
 
@@ -84,7 +84,7 @@ class Logger:
         self.pending: StepDone | None = None
         self.flops_per_token = flops.flops_per_token(config.model, config.data.seq_len)
         self.peak, peak_source = flops.peak_flops(list(mesh.devices.flat), config.model.dtype)
-        say(f"MFU: {self.flops_per_token / 1e6:,.1f} MFLOP per token (train/flops.py) over a "
+        say(f"MFU: {self.flops_per_token / 1e6:,.1f} MFLOP per token (observe/flops.py) over a "
             f"peak of {self.peak / 1e12:,.2f} TFLOP/s ({peak_source})")
 
     def __call__(self, done: StepDone) -> None:

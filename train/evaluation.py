@@ -12,7 +12,7 @@ import jax
 import input as data_input
 import sharding
 from configs.schema import Config
-from train.metrics_log import MetricsLog
+from observe.metrics_log import MetricsLog
 from train.step import eval_step
 
 

@@ -21,17 +21,21 @@ import checkpoint
 import configs
 import input as data_input
 import sharding
+from checkpoint import aftermath
 from configs.schema import Config
-from train import actions, collector, compile_cache, progress, run_lock
+from observe import progress
+from observe.goodput import Goodput
+from observe.metrics_log import MetricsLog
+from observe.profiling import StepProfiler
+from train import actions
 from train import state as train_state
-from train.compiled import compile_train_step
+from train.compile import jax_cache
+from train.compile.step import compile_train_step
 from train.evaluation import Evaluator
 from train.feed import DataPosition, DeviceFeed
-from train.goodput import Goodput
-from train.metrics_log import MetricsLog
 from train.optimizer import make_optimizer
-from train.preemption import Preemption
-from train.profiling import StepProfiler
+from train.process import collector, run_lock
+from train.process.preemption import Preemption
 from train.state import TrainState
 
 StepFn = Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, actions.Metrics]]
@@ -68,8 +72,12 @@ def say(message: str) -> None:
 def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
     """Train (or resume) the run described by `config`; returns the final state and losses.
 
-    `devices` defaults to all devices; the mesh in `config.mesh` is laid over them.
+    `devices` defaults to all devices; the mesh in `config.mesh` is laid over them. The
+    process is set up for a run here, once: the collector paused through start-up, the
+    run directory locked, a failed checkpoint read or write reported once, without its
+    debris (`checkpoint.aftermath`).
     """
+    aftermath.install()
     with collector.StartUp() as startup, \
             run_lock.held(config.run_dir, jax.process_index(), report=say):
         return _run(config, devices, startup)
@@ -128,7 +136,7 @@ def _enable_compile_cache(config: Config) -> pathlib.Path | None:
     if not config.train.compile_cache:
         return None
     cache_dir = config.train.compile_cache_dir or pathlib.Path(config.run_dir) / "compile_cache"
-    cache_dir = compile_cache.enable(cache_dir)
+    cache_dir = jax_cache.enable(cache_dir)
     say(f"compilation cache: {cache_dir}")
     return pathlib.Path(cache_dir) / "train_steps" if jax.process_count() == 1 else None
 
@@ -165,7 +173,8 @@ def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
     """State, data position and compiled step; restore and compilation overlap.
 
     Compiling needs only shapes and shardings, so a restarted run reads its
-    checkpoint while XLA compiles (or loads the step from a cache).
+    checkpoint while XLA compiles (or loads the step from a cache). The saved config is
+    checked first: a run that cannot resume fails before it compiles.
     """
     def compile_step() -> StepFn:
         with clock.phase("compilation"):
@@ -177,10 +186,10 @@ def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
             say(f"memory per device: {step.memory.describe()}")
         return step.fn
 
-    latest = ckpt.latest_step()
-    finished = latest is not None and latest >= config.train.steps
+    newest = _newest_resumable_step(config, ckpt)
+    finished = newest is not None and newest >= config.train.steps
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="restore") as pool:
-        restoring = pool.submit(_restore_or_init, config, ckpt, tx, target)
+        restoring = pool.submit(_restore_or_init, config, ckpt, tx, target, newest)
         step_fn = None if finished else compile_step()
         state, position = restoring.result()
     if step_fn is None and int(state.step) < config.train.steps:
@@ -188,21 +197,29 @@ def _restore_while_compiling(config: Config, mesh: jax.sharding.Mesh, tx: Any,
     return state, position, step_fn
 
 
-def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
-                     target: TrainState) -> tuple[TrainState, DataPosition]:
-    """The latest checkpoint if the run directory has one, else a fresh state."""
+def _newest_resumable_step(config: Config, ckpt: checkpoint.Checkpointer) -> int | None:
+    """The newest step whose saved config this run can resume from (only configs are read);
+    None for a new run. A checkpoint of another model is refused, naming the fields."""
     found = ckpt.newest_readable(ckpt.read_config, fallback=config.checkpoint.fallback)
-    if found is not None:
-        step, saved = found
-        current = configs.to_dict(config)
-        mismatch = checkpoint.model_mismatch(saved, current)
-        if mismatch:
-            raise checkpoint.CheckpointError(
-                f"checkpoint step {step} in {ckpt.directory} was written for a different model; "
-                "differing fields:\n  " + "\n  ".join(mismatch))
-        for line in checkpoint.config_diff(saved, current):
-            say(f"note: config differs from checkpoint: {line}")
-        restored = ckpt.restore_latest(target, config.checkpoint.fallback, newest=step)
+    if found is None:
+        return None
+    step, saved = found
+    current = configs.to_dict(config)
+    mismatch = checkpoint.model_mismatch(saved, current)
+    if mismatch:
+        raise checkpoint.CheckpointError(
+            f"checkpoint step {step} in {ckpt.directory} was written for a different model; "
+            "differing fields:\n  " + "\n  ".join(mismatch))
+    for line in checkpoint.config_diff(saved, current):
+        say(f"note: config differs from checkpoint: {line}")
+    return step
+
+
+def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
+                     target: TrainState, newest: int | None) -> tuple[TrainState, DataPosition]:
+    """The newest checkpoint up to step `newest` that restores, else a fresh state."""
+    if newest is not None:
+        restored = ckpt.restore_latest(target, config.checkpoint.fallback, newest=newest)
         if restored is not None:
             say(f"resumed from checkpoint step {restored.step} in {ckpt.directory}")
             return restored.state, DataPosition.from_dict(restored.data_position)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from collections.abc import Callable
@@ -14,8 +15,8 @@ import numpy as np
 import configs
 import sharding
 from configs.schema import Config
-from train import compile_cache, executable_cache
 from train import state as train_state
+from train.compile import executables, jax_cache
 from train.optimizer import lr_schedule
 from train.step import train_step
 
@@ -68,16 +69,16 @@ def compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
     """
     started = time.perf_counter()
     devices = list(mesh.devices.flat)
-    digest = executable_cache.key(configs.to_dict(config), devices) if saved else ""
-    compiled = executable_cache.load(saved, digest, devices, report) if saved else None
+    digest = executables.key(configs.to_dict(config), devices) if saved else ""
+    compiled = executables.load(saved, digest, devices, report) if saved else None
     if compiled is not None:
         source = "saved executable"
     else:
-        hits = compile_cache.hits()
+        hits = jax_cache.hits()
         compiled = _lower(config, mesh, tx, target).compile()
-        source = "compilation cache" if compile_cache.hits() > hits else "compiled"
-        if saved and source == "compiled":  # see executable_cache.save
-            executable_cache.save(saved, digest, compiled, report)
+        source = "compilation cache" if jax_cache.hits() > hits else "compiled"
+        if saved and source == "compiled":  # see executables.save
+            executables.save(saved, digest, compiled, report)
     seconds = time.perf_counter() - started
     memory = step_memory(compiled)
     if memory is not None:
@@ -89,20 +90,17 @@ def _lower(config: Config, mesh: jax.sharding.Mesh, tx: Any,
            target: train_state.TrainState) -> jax.stages.Lowered:
     batch_sharding = sharding.batch_sharding(mesh, config.mesh.rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    schedule = lr_schedule(config.optim, config.train.steps)
-
-    def step_fn(state, batch):
-        with sharding.use_rules(mesh, config.mesh.rules):
-            return train_step(state, batch, cfg=config.model, tx=tx, schedule=schedule,
-                              microbatches=config.train.microbatches, seed=config.seed)
-
+    step = functools.partial(train_step, cfg=config.model, tx=tx,
+                             schedule=lr_schedule(config.optim, config.train.steps),
+                             microbatches=config.train.microbatches, seed=config.seed)
     shardings = sharding.shardings_of(target)
-    jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding),
                      out_shardings=(shardings, replicated), donate_argnums=0)
     shape = (config.train.batch_size, config.data.seq_len)
     batch_shapes = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                     for name, dtype in BATCH_DTYPES.items()}
-    return jitted.lower(target, batch_shapes)
+    with sharding.use_rules(mesh, config.mesh.rules):  # the step is traced here
+        return jitted.lower(target, batch_shapes)
 
 
 def step_memory(compiled: Any) -> StepMemory | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from train.tensorboard_log import TensorBoardLog
+from observe.tensorboard_log import TensorBoardLog
 
 FILENAME = "metrics.jsonl"
 

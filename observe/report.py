@@ -1,8 +1,8 @@
-"""`python -m train.report RUN_DIR [--out FILE]`: a PNG of a run's curves from its metrics.jsonl.
+"""`python -m observe.report RUN_DIR [--out FILE]`: a PNG of a run's curves from its metrics.jsonl.
 
 Panels: train loss with held-out loss per dataset, tokens/s, and data wait as a share of
-step time. From a notebook: `train.report.plot(run_dir)` writes the PNG and returns its
-path; `train.report.figure(run_dir)` returns the matplotlib Figure itself.
+step time. From a notebook: `observe.report.plot(run_dir)` writes the PNG and returns its
+path; `observe.report.figure(run_dir)` returns the matplotlib Figure itself.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from train.metrics_log import FILENAME
+from observe.metrics_log import FILENAME
 
 DEFAULT_OUT = "report.png"
 _NUMBER = (int, float)
@@ -136,7 +136,7 @@ def plot(run_dir: str | pathlib.Path, out: str | pathlib.Path | None = None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m train.report",
+        prog="python -m observe.report",
         description="Plot loss, tokens/s and data wait of a run from RUN_DIR/metrics.jsonl.")
     parser.add_argument("run_dir", metavar="RUN_DIR")
     parser.add_argument("--out", default=None, help=f"PNG to write (default RUN_DIR/{DEFAULT_OUT})")

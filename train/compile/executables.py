@@ -69,7 +69,7 @@ def key(config: dict[str, Any], devices: Sequence[jax.Device]) -> str:
 def source_digest(packages: Sequence[str] = STEP_PACKAGES,
                   root: pathlib.Path | None = None) -> str:
     """sha256 over the Python files of `packages` (under the project root by default)."""
-    root = root or pathlib.Path(__file__).resolve().parents[1]
+    root = root or pathlib.Path(__file__).resolve().parents[2]
     digest = hashlib.sha256()
     for package in packages:
         for path in sorted((root / package).rglob("*.py")):
