@@ -66,6 +66,11 @@ def without_shared_compile_cache() -> dict[str, str]:
             if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
 
 
+# Per-compile options that undo FAST_COMPILE_FLAGS, for a test that runs real shapes:
+# `jax.jit(f).lower(...).compile(compiler_options=OPTIMISED)`.
+OPTIMISED = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
+
+
 def optimised_xla_flags() -> str:
     """XLA_FLAGS for a subprocess that runs more than it compiles (XLA's usual optimisation)."""
     return os.environ["XLA_FLAGS"].replace(FAST_COMPILE_FLAGS, "")
