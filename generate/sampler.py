@@ -49,6 +49,16 @@ class Generation:
     compile_seconds: float
 
 
+def _platform(params: Params, mesh: jax.sharding.Mesh | None) -> str:
+    """The platform the computation runs on: the mesh's, else that of the devices holding
+    `params` (host arrays go to the default device)."""
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    leaf = jax.tree.leaves(params)[0]
+    devices = leaf.devices() if isinstance(leaf, jax.Array) else {jax.devices()[0]}
+    return next(iter(devices)).platform
+
+
 def generate(params: Params, tokenizer: Any, prompts: list[str], cfg: ModelConfig,
              sampling: Sampling = Sampling(), mesh: jax.sharding.Mesh | None = None,
              rules: Any = None,
@@ -58,9 +68,7 @@ def generate(params: Params, tokenizer: Any, prompts: list[str], cfg: ModelConfi
     `dequantize` turns stored (e.g. int8) parameters into compute parameters inside the
     compiled functions. `auto` settings of `cfg` are resolved for the devices it runs on:
     the mesh's, else those holding `params`."""
-    device = mesh.devices.flat[0] if mesh is not None else next(
-        iter(jax.tree.leaves(params)[0].devices()))
-    cfg = configs.resolve_auto(cfg, device.platform)
+    cfg = configs.resolve_auto(cfg, _platform(params, mesh))
     encoded = [np.asarray(tokenizer.encode(p), np.int32) for p in prompts]
     if any(len(e) == 0 for e in encoded):
         raise ValueError("every prompt needs at least one token")

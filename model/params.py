@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from configs.platform import AUTO_FIELDS, resolve_auto
 from configs.schema import ModelConfig
 from model.transformer import Transformer
 
@@ -28,9 +29,11 @@ def _abstract(cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
 
 
 def _parameters_only(cfg: ModelConfig) -> ModelConfig:
-    """cfg with its platform-dependent choices fixed: the parameters (their shapes, axes and
-    initial values) do not depend on them, so a config not yet resolved serves."""
-    return dataclasses.replace(cfg, dtype="float32", attention="xla", matmul="xla")
+    """cfg with its platform-dependent choices fixed to one canonical platform's: the
+    parameters (their shapes, axes and initial values) depend on none of them, so a config
+    not yet resolved serves, and every resolution of it shares one abstract model."""
+    unresolved = dataclasses.replace(cfg, **dict.fromkeys(AUTO_FIELDS, "auto"))
+    return resolve_auto(unresolved, "cpu")
 
 
 def abstract_params(cfg: ModelConfig) -> Params:

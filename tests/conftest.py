@@ -42,6 +42,10 @@ TINY_OVERRIDES = [
 ]
 
 
+# The run `saved_run` holds: 6 steps, checkpoints every 2, stopped after step 4.
+SAVED_RUN = ("train.steps=6", "checkpoint.every=2", "train.eval_batches=0")
+
+
 def tiny_config(*overrides: str) -> Config:
     """The tiny preset shrunk for tests, with extra `key=value` overrides. Llama blocks use
     grouped-query attention (2 kv heads); GPT-2 has none, its kv heads follow its heads."""
@@ -95,3 +99,21 @@ def _eight_devices():
 def _private_cache():
     yield
     shutil.rmtree(_CACHE_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _saved_run(tmp_path_factory):
+    """A tiny run of 6 steps stopped after step 4, with checkpoints at steps 2 and 4: trained
+    once for the session."""
+    from train import run
+
+    run_dir = tmp_path_factory.mktemp("saved_run")
+    run(tiny_config(*SAVED_RUN, f"run_dir={run_dir}", "train.stop_after=4"))
+    return run_dir
+
+
+@pytest.fixture
+def saved_run(_saved_run, tmp_path):
+    """A copy of the session's saved run in this test's tmp_path, for the test to change."""
+    shutil.copytree(_saved_run, tmp_path, dirs_exist_ok=True)
+    return tmp_path

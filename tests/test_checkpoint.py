@@ -64,13 +64,12 @@ def test_config_diff_names_each_differing_field():
         "model.num_layers: checkpoint 2, config 3", "train.steps: checkpoint 6, config 9"]
 
 
-@pytest.mark.slow
-def test_resume_with_a_different_model_is_refused_naming_fields(tmp_path):
-    run(tiny_config(f"run_dir={tmp_path}", "train.steps=2", "train.eval_batches=0"))
-    changed = tiny_config(f"run_dir={tmp_path}", "train.steps=4", "model.mlp_dim=96")
-    expected = r"(?s)step 2.*model\.mlp_dim: checkpoint 64, config 96"
+def test_resume_with_a_different_model_is_refused_naming_fields(saved_run):
+    changed = tiny_config(f"run_dir={saved_run}", "model.mlp_dim=96")
+    expected = r"(?s)step 4.*model\.mlp_dim: checkpoint 64, config 96"
     with pytest.raises(CheckpointError, match=expected):
         run(changed)
+    assert sorted(p.name for p in (saved_run / "checkpoints").iterdir()) == ["2", "4"]
 
 
 def test_compute_settings_and_fields_added_later_do_not_block_a_restore():

@@ -9,7 +9,7 @@ import pytest
 
 import configs
 from configs import ConfigError, load
-from configs.resolve import field_hints
+from configs.coerce import field_hints
 from configs.schema import Range
 from train.__main__ import main
 

@@ -135,7 +135,7 @@ def test_run_evaluates_every_row_of_eval_path(tmp_path, capsys):
     eval_txt = tmp_path / "eval.txt"
     text = "held-out text of its own. " * 20
     eval_txt.write_text(text)
-    result = run(tiny_config("train.steps=2", "checkpoint.every=0", "train.eval_batches=-1",
+    result = run(tiny_config("checkpoint.every=0", "train.eval_batches=-1",
                              f"data.eval_path={eval_txt}", f"run_dir={tmp_path / 'run'}"))
     assert result.eval_loss is not None and math.isfinite(result.eval_loss)
     [record] = [r for r in metrics_log.read(tmp_path / "run") if "eval_loss" in r]

@@ -221,6 +221,7 @@ def test_cpu_attention_equals_the_plain_kernel_and_its_gradients(dropout):
     weights = jax.random.normal(jax.random.key(9), q.shape)
     drop = (0.3, jax.random.key(5)) if dropout else None
 
+    @functools.partial(jax.jit, static_argnums=0)  # one program, not an op at a time
     def through(impl):
         def loss(q, k, v):
             return jnp.sum(attend(q, k, v, segments, impl, drop) * weights)

@@ -46,11 +46,12 @@ def _greedy_by_recomputing(cfg, params, prompt, steps):
 @pytest.mark.parametrize("family, scan", [
     ("llama", False), pytest.param("gpt2", True, marks=pytest.mark.slow)])
 def test_cached_greedy_decoding_equals_recomputing_the_sequence(family, scan):
-    cfg = configs.resolve_auto(tiny_config(f"model.family={family}",
-                                           f"model.scan_layers={scan}").model, "cpu")
+    unresolved = tiny_config(f"model.family={family}", f"model.scan_layers={scan}").model
+    cfg = configs.resolve_auto(unresolved, "cpu")
     params = _params(cfg)
-    result = generate(params, TOKENIZER, PROMPTS, cfg, Sampling(max_new_tokens=12,
-                                                               temperature=0.0))
+    # Host arrays and `auto` settings: generate resolves them for the default device's CPU.
+    result = generate(jax.device_get(params), TOKENIZER, PROMPTS, unresolved,
+                      Sampling(max_new_tokens=12, temperature=0.0))
     for prompt, got in zip(PROMPTS, result.token_ids, strict=True):
         assert got == _greedy_by_recomputing(cfg, params, prompt, 12), prompt
     assert result.prefill_tokens_per_s > 0 and result.decode_tokens_per_s > 0

@@ -8,7 +8,7 @@ import pytest
 
 import configs
 import model
-from configs.resolve import AUTO_FIELDS
+from configs.platform import AUTO_FIELDS
 from conftest import OPTIMISED, tiny_config, tiny_model_config
 from model import cpu_kernels
 
@@ -21,7 +21,7 @@ def _params(cfg, seed=0):
 def test_logits_shape_and_dtype():
     cfg = tiny_model_config()
     tokens_BxL = jnp.zeros((3, 7), jnp.int32)
-    logits_BxLxV = model.merge(cfg, _params(cfg))(tokens_BxL)
+    logits_BxLxV = jax.jit(lambda p, t: model.merge(cfg, p)(t))(_params(cfg), tokens_BxL)
     assert logits_BxLxV.shape == (3, 7, cfg.vocab_size)
     assert logits_BxLxV.dtype == jnp.float32
 
@@ -37,7 +37,7 @@ def test_changing_a_future_token_changes_no_earlier_logit():
     assert not np.allclose(before[:, 10:], after[:, 10:])
 
 
-def _first_loss(cfg, rows: int = 4, length: int = 256) -> float:
+def _first_loss(cfg, rows: int = 4, length: int = 256, compiler_options=None) -> float:
     """The loss of freshly initialised parameters on uniformly random tokens."""
     tokens_BxL = jax.random.randint(jax.random.key(2), (rows, length + 1), 0, cfg.vocab_size)
     cfg = configs.resolve_auto(cfg, "cpu")
@@ -46,7 +46,7 @@ def _first_loss(cfg, rows: int = 4, length: int = 256) -> float:
         logits = model.merge(cfg, model.init_params(cfg, 0))(tokens_BxL[:, :-1])
         return model.cross_entropy(logits, tokens_BxL[:, 1:], jnp.ones((rows, length)))[0]
 
-    return float(jax.jit(loss).lower().compile(compiler_options=OPTIMISED)())
+    return float(jax.jit(loss).lower().compile(compiler_options=compiler_options)())
 
 
 # One case in the fast tier; all four in the full suite.
@@ -60,19 +60,19 @@ def test_first_loss_of_each_family_tied_or_not_is_near_log_vocab(family, tied):
     assert abs(_first_loss(cfg) - math.log(cfg.vocab_size)) < 0.2
 
 
-# The wide presets keep their width and vocabulary but run 2 of their blocks (at full depth
-# they do not fit a CI machine). Untied, the first loss depends on the width, not the depth;
-# tied, fewer blocks leave more of the embedding in the last hidden state, which only
-# raises the loss.
+# The wide presets keep their width and vocabulary but run one or two of their blocks (at
+# full depth they do not fit a CI machine). Untied, the first loss depends on the width,
+# not the depth; tied, fewer blocks leave more of the embedding in the last hidden state,
+# which only raises the loss, so the check is stricter.
 @pytest.mark.slow
 @pytest.mark.parametrize("preset, layers", [("tiny", None), ("bench-20m", None),
-                                            ("gpt2-small", None), ("llama-1b", 2),
-                                            ("llama-7b", 2)])
+                                            ("gpt2-small", 2), ("llama-1b", 1),
+                                            ("llama-7b", 1)])
 def test_first_loss_of_every_preset_is_within_0_2_of_log_vocab(preset, layers):
     overrides = ["model.dtype=float32", "model.remat=none"]
     overrides += [f"model.num_layers={layers}"] if layers else []
     cfg = configs.load(preset, overrides).model
-    loss = _first_loss(cfg, rows=2, length=128)
+    loss = _first_loss(cfg, rows=2, length=128, compiler_options=OPTIMISED)  # real widths
     print(f"{preset}: first loss {loss:.3f}, ln(V) {math.log(cfg.vocab_size):.3f}")
     assert abs(loss - math.log(cfg.vocab_size)) < 0.2
 

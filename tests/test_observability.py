@@ -123,17 +123,17 @@ def test_bar_moves_when_a_step_has_finished_not_when_it_was_dispatched():
 def test_run_prints_log_lines_whole_with_a_bar_only_on_a_terminal(tmp_path, monkeypatch, tty):
     stream = FakeStream(tty)
     monkeypatch.setattr(sys, "stdout", stream)
-    run(tiny_config("train.steps=4", "train.log_every=2", "train.eval_batches=0",
-                    "checkpoint.every=0", f"run_dir={tmp_path}"))
+    run(tiny_config("train.log_every=2", "train.eval_batches=0", "checkpoint.every=0",
+                    f"run_dir={tmp_path}"))
     raw = stream.getvalue()
     lines = _screen(raw)
     logged = [line for line in lines if line.startswith("step ")]
     assert [line.split("|")[0] for line in logged] == [
-        "step      1 ", "step      2 ", "step      4 "]
+        "step      1 ", "step      2 ", "step      4 ", "step      6 "]
     assert all(line.endswith(" ms") for line in logged)
     assert not any("steps/s" in line for line in lines)  # no bar is left on screen
     if tty:
-        assert "100% [====================] 4/4 |" in raw and CLEAR_LINE in raw
+        assert "100% [====================] 6/6 |" in raw and CLEAR_LINE in raw
     else:
         assert "\r" not in raw and "\x1b" not in raw
 
@@ -157,20 +157,19 @@ def _expected_scalars(records) -> dict[str, list[tuple[int, float, float]]]:
 
 
 def test_tensorboard_events_equal_metrics_jsonl_across_a_resume(tmp_path):
-    common = ("train.steps=4", "train.log_every=1", "train.eval_batches=1",
-              f"run_dir={tmp_path}")
+    common = ("train.log_every=1", "train.eval_batches=1", f"run_dir={tmp_path}")
     run(tiny_config(*common, "train.stop_after=2"))
     run(tiny_config(*common))
     records = metrics_log.read(tmp_path)
     scalars = _tensorboard_scalars(tmp_path)
 
     assert scalars == _expected_scalars(records)
-    assert [step for step, _, _ in scalars["train/loss"]] == [1, 2, 3, 4]
-    assert [step for step, _, _ in scalars["eval/default corpus/eval_perplexity"]] == [2, 4]
+    assert [step for step, _, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _, _ in scalars["eval/default corpus/eval_perplexity"]] == [2, 6]
     assert {tag.removeprefix("train/") for tag in scalars if tag.startswith("train/")} == {
         "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_ms", "data_wait_ms",
         "data_wait_pct", "checkpoint_blocked_ms"}
-    assert scalars["train/loss"][3][1] == pytest.approx(records[-2]["loss"], rel=1e-6)
+    assert scalars["train/loss"][5][1] == pytest.approx(records[-2]["loss"], rel=1e-6)
 
 
 def test_tensorboard_sees_each_record_at_once_and_writers_of_one_second_coexist(tmp_path):

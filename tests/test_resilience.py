@@ -21,6 +21,7 @@ import configs
 from checkpoint import Checkpointer, CheckpointError, aftermath, restore_params
 from checkpoint.inspect import main as inspect_main
 from conftest import (
+    SAVED_RUN,
     TINY_OVERRIDES,
     corrupt_largest_state_file,
     tiny_config,
@@ -33,7 +34,6 @@ from train.state import abstract_state, init_state, state_shardings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LONG = ("train.steps=40", "checkpoint.every=2", "train.log_every=1", "train.eval_batches=1")
-SAVED_RUN = ("train.steps=6", "checkpoint.every=2", "train.eval_batches=0")
 
 
 def _start(run_dir, *overrides, env=None):
@@ -64,32 +64,22 @@ def _final_params(run_dir, config):
     return step, restore_params(run_dir / "checkpoints", step, target)
 
 
-@pytest.fixture(scope="module")
-def _saved_run(tmp_path_factory):
-    """A tiny run of 6 steps stopped after step 4, with checkpoints at steps 2 and 4."""
-    run_dir = tmp_path_factory.mktemp("saved_run")
-    run(tiny_config(*SAVED_RUN, f"run_dir={run_dir}", "train.stop_after=4"))
-    return run_dir
-
-
-@pytest.fixture
-def saved_run(_saved_run, tmp_path):
-    """A copy of `_saved_run` in this test's tmp_path, for the test to damage."""
-    shutil.copytree(_saved_run, tmp_path, dirs_exist_ok=True)
-    return tmp_path
-
-
 @pytest.mark.slow
-def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
-    process = _start(tmp_path)
+def test_sigusr1_saves_at_the_next_step_and_sigterm_finishes_the_step_saves_and_exits_0(
+        tmp_path):
+    process = _start(tmp_path, "checkpoint.every=1000")  # no scheduled save in 40 steps
     _wait_for_line(process, r"step +\d")
+    process.send_signal(signal.SIGUSR1)
+    lines = _wait_for_line(process, r"checkpoint step \d+: loop blocked")
+    requested = int(lines[-1].split()[2].rstrip(":"))
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 0, out[-2000:]
+    assert 0 < requested < 40 and (tmp_path / "checkpoints" / str(requested)).is_dir()
     assert "stopped by signal 15 after step" in out
     assert "goodput:" in out and (tmp_path / "goodput.json").is_file()
     stopped = int(out.split("stopped by signal 15 after step ")[1].split(";")[0])
-    assert 0 < stopped < 40
+    assert requested <= stopped < 40
     ckpt = Checkpointer(tmp_path / "checkpoints", tiny_config().checkpoint)
     assert ckpt.latest_step() == stopped
     ckpt.close()
@@ -117,7 +107,7 @@ def test_kill9_at_random_moments_resumes_bit_identical(tmp_path):
     rng = random.Random(0)
     # Each run is killed a random moment after its checkpoint of a random later step has
     # been committed (steps take ~10 ms here, so a fixed wait could outlast the run).
-    for target in sorted(rng.sample(range(4, 34, 2), 3)):
+    for target in sorted(rng.sample(range(4, 34, 2), 2)):
         process = _start(tmp_path / "killed")
         _wait_for_line(process, rf"checkpoint step ({'|'.join(map(str, range(target, 40, 2)))})"
                                 r": committed")
@@ -182,16 +172,11 @@ def test_truncated_file_is_named(saved_run):
         run(tiny_config(*SAVED_RUN, f"run_dir={tmp_path}"))
 
 
-@pytest.mark.slow
-def test_params_only_restore_onto_another_mesh(tmp_path):
-    config = tiny_config("train.steps=2", "train.eval_batches=0", "mesh.data=1", "mesh.fsdp=8",
-                         f"run_dir={tmp_path}")
-    result = run(config)
-    other = tiny_config("mesh.data=4", "mesh.tensor=2", f"run_dir={tmp_path}")
-    step, params = _final_params(tmp_path, other)
-    assert step == 2
-    expected = jax.tree.leaves(result.state.params)
-    for a, b in zip(expected, jax.tree.leaves(params), strict=True):
+def test_params_only_restore_onto_another_mesh(saved_run):
+    written_step, written = _final_params(saved_run, tiny_config(*SAVED_RUN))  # its mesh
+    step, params = _final_params(saved_run, tiny_config("mesh.data=4", "mesh.tensor=2"))
+    assert step == written_step == 4
+    for a, b in zip(jax.tree.leaves(written), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     embed = params["embed_VxD"].sharding
     assert tuple(embed.spec) == ("tensor", "fsdp") and dict(embed.mesh.shape)["data"] == 4
@@ -241,13 +226,12 @@ def test_restart_reads_the_compiled_step_from_the_cache(tmp_path):
             if line.startswith("step ")] == [1, 2, 3, 4, 5, 6]
 
 
-def test_inspect_lists_steps_completeness_and_config_diff(tmp_path, capsys):
-    run(tiny_config("train.steps=4", "checkpoint.every=2", "train.eval_batches=0",
-                    f"run_dir={tmp_path}"))
+def test_inspect_lists_steps_completeness_and_config_diff(saved_run, capsys):
+    tmp_path = saved_run
     (tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir()
 
     def inspect(*args):
-        code = inspect_main([str(tmp_path), *TINY_OVERRIDES, "train.steps=4", *args])
+        code = inspect_main([str(tmp_path), *TINY_OVERRIDES, *args])
         captured = capsys.readouterr()
         rows = [line.split() for line in captured.out.splitlines()
                 if line.strip()[:1].isdigit()]
@@ -276,19 +260,6 @@ def test_inspect_lists_steps_completeness_and_config_diff(tmp_path, capsys):
     assert "its saved config could not be read (Expecting value" in captured.err
 
 
-@pytest.mark.slow
-def test_sigusr1_saves_at_the_next_step(tmp_path):
-    process = _start(tmp_path, "checkpoint.every=1000")
-    _wait_for_line(process, r"step +\d")
-    process.send_signal(signal.SIGUSR1)
-    lines = _wait_for_line(process, r"checkpoint step \d+: loop blocked")
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)
-    requested = int(lines[-1].split()[2].rstrip(":"))
-    assert 0 < requested < 40
-    assert (tmp_path / "checkpoints" / str(requested)).is_dir()
-
-
 def test_half_written_later_step_is_ignored_on_resume(saved_run):
     tmp_path, common = saved_run, (*SAVED_RUN, f"run_dir={saved_run}")
     partial = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-99"
@@ -299,20 +270,18 @@ def test_half_written_later_step_is_ignored_on_resume(saved_run):
 
 
 def test_synchronous_saves_are_committed_checksummed_and_resumable(tmp_path):
-    common = ("train.steps=4", "checkpoint.every=2", "checkpoint.async_save=false",
-              "train.eval_batches=0", f"run_dir={tmp_path}")
+    common = ("checkpoint.every=2", "checkpoint.async_save=false", "train.eval_batches=0",
+              f"run_dir={tmp_path}")
     first = run(tiny_config(*common, "train.stop_after=2"))
     assert (tmp_path / "checkpoints" / "2" / "checksums.json").is_file()
     resumed = run(tiny_config(*common))
-    assert first.final_step == 2 and resumed.start_step == 2 and resumed.final_step == 4
+    assert first.final_step == 2 and resumed.start_step == 2 and resumed.final_step == 6
 
 
 def test_damaged_final_step_falls_back_and_finishes_training(saved_run):
-    common = ("train.steps=4", "checkpoint.every=2", "train.eval_batches=0",
-              f"run_dir={saved_run}")
     corrupt_largest_state_file(saved_run / "checkpoints" / "4")
-    resumed = run(tiny_config(*common, "checkpoint.fallback=true"))
-    assert resumed.start_step == 2 and resumed.final_step == 4
+    resumed = run(tiny_config(*SAVED_RUN, f"run_dir={saved_run}", "checkpoint.fallback=true"))
+    assert resumed.start_step == 2 and resumed.final_step == 6
 
 
 @contextlib.contextmanager

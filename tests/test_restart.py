@@ -138,8 +138,8 @@ def test_a_run_leaves_the_collector_as_it_found_it_and_keeps_nothing_collectable
     with pytest.raises(configs.ConfigError):
         run(tiny_config("train.batch_size=12", f"run_dir={tmp_path}"))
     assert gc.isenabled()
-    result = run(tiny_config("train.steps=2", "train.eval_batches=0", f"run_dir={tmp_path}"))
-    assert result.final_step == 2 and gc.isenabled()
+    result = run(tiny_config("train.eval_batches=0", f"run_dir={tmp_path}"))
+    assert result.final_step == 6 and gc.isenabled()
     del alive_through_the_run  # frozen while the run trained: a notebook would leak it
     gc.collect()
     assert freed() is None

@@ -71,7 +71,7 @@ def test_same_losses_on_every_layout(tmp_path):
     }
     losses = {}
     for name, (layout, devices) in layouts.items():
-        config = tiny_config("train.steps=3", "train.log_every=1", "checkpoint.every=0",
+        config = tiny_config("train.stop_after=3", "train.log_every=1", "checkpoint.every=0",
                              "train.eval_batches=0", f"run_dir={tmp_path / name}", *layout)
         losses[name] = list(run(config, devices=devices).losses.values())
     reference = losses.pop("one device")

@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import os
 import re
@@ -39,11 +41,11 @@ def test_python_m_train_runs_and_loss_falls(tmp_path, capsys):
     assert "resumed from checkpoint step 40" in capsys.readouterr().out
 
 
-def test_cli_reports_user_errors_without_traceback(tmp_path):
-    result = _train_cli(f"run_dir={tmp_path}", f"data.path={tmp_path / 'missing'}")
-    assert result.returncode == 2
-    assert "error: data.path" in result.stderr and "does not exist" in result.stderr
-    assert "Traceback" not in result.stderr
+def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
+    assert main([f"run_dir={tmp_path}", f"data.path={tmp_path / 'missing'}"]) == 2
+    err = capsys.readouterr().err
+    assert "error: data.path" in err and "does not exist" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow
@@ -69,7 +71,7 @@ def test_resumed_run_ends_bit_identical_to_uninterrupted_run(tmp_path):
 def test_resume_on_fewer_devices_continues_with_the_same_batches(tmp_path):
     """Elastic resume: a run checkpointed on 8 devices continues on 2 or 1 device with the
     same global batches, so its losses follow the uninterrupted 8-device run."""
-    common = ("train.steps=5", "checkpoint.every=2", "train.log_every=1", "train.eval_batches=0")
+    common = ("checkpoint.every=2", "train.log_every=1", "train.eval_batches=0")
     whole = run(tiny_config(*common, "mesh.data=1", "mesh.fsdp=8", f"run_dir={tmp_path / 'w'}"))
     run(tiny_config(*common, "mesh.data=1", "mesh.fsdp=8", "train.stop_after=2",
                     f"run_dir={tmp_path / 'base'}"))
@@ -79,40 +81,52 @@ def test_resume_on_fewer_devices_continues_with_the_same_batches(tmp_path):
         resumed = run(tiny_config(*common, "mesh.data=1", "mesh.fsdp=-1", f"run_dir={run_dir}"),
                       devices=jax.devices()[:devices])
         assert resumed.start_step == 2
-        np.testing.assert_allclose([resumed.losses[s] for s in (3, 4, 5)],
-                                   [whole.losses[s] for s in (3, 4, 5)], rtol=1e-5)
+        np.testing.assert_allclose([resumed.losses[s] for s in (3, 4, 5, 6)],
+                                   [whole.losses[s] for s in (3, 4, 5, 6)], rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_grain_worker_processes_give_the_same_run_and_resume_with_another_count(tmp_path):
-    common = ("train.steps=4", "checkpoint.every=2", "train.log_every=1", "train.eval_batches=0")
+    common = ("checkpoint.every=2", "train.log_every=1", "train.eval_batches=0")
     threads = run(tiny_config(*common, f"run_dir={tmp_path / 'threads'}"))
     first = run(tiny_config(*common, "data.workers=2", "train.stop_after=2",
                             f"run_dir={tmp_path / 'workers'}"))
     resumed = run(tiny_config(*common, "data.workers=1", f"run_dir={tmp_path / 'workers'}"))
     assert first.losses[2] == threads.losses[2]
     assert resumed.start_step == 2
-    assert [resumed.losses[s] for s in (3, 4)] == [threads.losses[s] for s in (3, 4)]
+    assert [resumed.losses[s] for s in (3, 4, 5, 6)] == [threads.losses[s] for s in (3, 4, 5, 6)]
 
 
-def test_metrics_jsonl_records_logged_steps_and_eval_and_appends_on_restart(tmp_path):
-    common = ("train.steps=4", "train.log_every=2", "train.eval_batches=1", f"run_dir={tmp_path}")
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """A tiny run stopped after step 2 and resumed to its end (step 6): logs every 2 steps,
+    saves every 2, evaluates at the end. The run dir, the records the first part wrote, the
+    resumed part's RunResult and what it printed."""
+    run_dir = tmp_path_factory.mktemp("logged_run")
+    common = ("train.log_every=2", "checkpoint.every=2", "train.eval_batches=1",
+              f"run_dir={run_dir}")
     run(tiny_config(*common, "train.stop_after=2"))
-    first = metrics_log.read(tmp_path)
-    result = run(tiny_config(*common))
-    records = metrics_log.read(tmp_path)
+    first = metrics_log.read(run_dir)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = run(tiny_config(*common))
+    return run_dir, first, result, printed.getvalue()
+
+
+def test_metrics_jsonl_records_logged_steps_and_eval_and_appends_on_restart(logged_run):
+    run_dir, first, result, _ = logged_run
+    records = metrics_log.read(run_dir)
     assert records[:len(first)] == first  # appended, never overwritten
     steps = [r["step"] for r in records if "loss" in r]
-    assert steps == [1, 2, 4]
-    assert records[-1]["eval_loss"] == result.eval_loss and records[-1]["step"] == 4
-    assert {r["step"]: r["loss"] for r in records if "loss" in r}[4] == result.losses[4]
+    assert steps == [1, 2, 4, 6]
+    assert records[-1]["eval_loss"] == result.eval_loss and records[-1]["step"] == 6
+    assert {r["step"]: r["loss"] for r in records if "loss" in r}[6] == result.losses[6]
     assert all(r["tokens_per_s"] > 0 and r["data_wait_pct"] >= 0 for r in records if "loss" in r)
 
 
-def test_goodput_report_accounts_for_the_whole_wall_time(tmp_path, capsys):
-    run(tiny_config("train.steps=4", "checkpoint.every=2", "train.eval_batches=1",
-                    f"run_dir={tmp_path}"))
-    figures = json.loads((tmp_path / "goodput.json").read_text())
+def test_goodput_report_accounts_for_the_whole_wall_time(logged_run):
+    run_dir, _, _, printed = logged_run
+    figures = json.loads((run_dir / "goodput.json").read_text())
     parts = {k: v for k, v in figures.items() if k != "total"}
     assert set(parts) == set(goodput.CATEGORIES)
     assert abs(sum(parts.values()) - figures["total"]) < 1e-6
@@ -120,12 +134,10 @@ def test_goodput_report_accounts_for_the_whole_wall_time(tmp_path, capsys):
     for category in ("initialisation", "compilation", "productive steps",
                      "checkpoint blocking", "evaluation"):
         assert parts[category] > 0, category
-    assert "goodput:" in capsys.readouterr().out
+    assert "goodput:" in printed
 
 
-def test_log_lines_carry_the_checkpoint_blocking_of_their_interval(tmp_path):
-    run(tiny_config("train.steps=4", "train.log_every=2", "checkpoint.every=2",
-                    "train.eval_batches=0", f"run_dir={tmp_path}"))
-    records = {r["step"]: r for r in metrics_log.read(tmp_path) if "loss" in r}
+def test_log_lines_carry_the_checkpoint_blocking_of_their_interval(logged_run):
+    records = {r["step"]: r for r in metrics_log.read(logged_run[0]) if "loss" in r}
     assert records[1]["checkpoint_blocked_ms"] == 0.0  # no save before step 1's line
-    assert records[2]["checkpoint_blocked_ms"] > 0.0  # the step-2 save
+    assert records[4]["checkpoint_blocked_ms"] > 0.0  # the step-4 save
