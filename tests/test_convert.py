@@ -74,7 +74,7 @@ def _torch_logits(hf_model, tokens_BxL: np.ndarray) -> np.ndarray:
 def _our_logits(run_dir, tokens_BxL: np.ndarray) -> np.ndarray:
     loaded = load(run_dir)
     cfg = dataclasses.replace(loaded.config.model, dtype="float32")
-    return np.asarray(model.merge(cfg, loaded.params)(tokens_BxL))
+    return np.asarray(jax.jit(lambda p: model.merge(cfg, p)(tokens_BxL))(loaded.params))
 
 
 def _host(params) -> dict:

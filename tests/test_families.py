@@ -78,10 +78,12 @@ def _qkv(batch=2, length=128, heads=4, groups=2, head_dim=16):
 def test_dot_product_attention_path_matches_xla_with_segments():
     # The cuDNN kernel needs an NVIDIA GPU; its jax.nn reference checks our mask handling.
     q, k, v, segments = _qkv()
-    expected = attend(q, k, v, segments, "xla")
-    got = dot_product_attention(q, k, v, segments, implementation="xla")
+    xla = jax.jit(functools.partial(attend, impl="xla"))
+    expected = xla(q, k, v, segments)
+    got = jax.jit(functools.partial(dot_product_attention, implementation="xla"))(
+        q, k, v, segments)
     np.testing.assert_allclose(got, expected, atol=2e-5)
-    assert not np.allclose(attend(q, k, v, None, "xla"), expected, atol=1e-3)
+    assert not np.allclose(xla(q, k, v, None), expected, atol=1e-3)
 
 
 def test_dropout_changes_training_losses_by_key_and_never_evaluation():
@@ -111,8 +113,9 @@ def test_dropout_zeroes_its_rate_and_keeps_the_mean():
 def test_splash_kernel_matches_xla_sharded_and_not():
     # Off TPU the Pallas kernel runs in its interpreter: slow, so small shapes.
     q, k, v, segments = _qkv()
-    expected = attend(q, k, v, segments, "xla")
-    np.testing.assert_allclose(attend(q, k, v, segments, "splash"), expected, atol=2e-5)
+    attend_jitted = jax.jit(attend, static_argnums=4)  # one program, not an op at a time
+    expected = attend_jitted(q, k, v, segments, "xla")
+    np.testing.assert_allclose(attend_jitted(q, k, v, segments, "splash"), expected, atol=2e-5)
     config = tiny_config("mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2")
     mesh = make_mesh(config.mesh, jax.devices()[:4])  # rows over fsdp, heads over tensor
 
@@ -125,7 +128,7 @@ def test_splash_kernel_matches_xla_sharded_and_not():
 
     np.testing.assert_allclose(jax.jit(sharded)(q, k, v, segments), expected, atol=2e-5)
     grad_splash = jax.jit(jax.grad(functools.partial(loss, sharded)))(q)
-    grad_xla = jax.grad(functools.partial(loss, lambda *a: attend(*a, "xla")))(q)
+    grad_xla = jax.jit(jax.grad(functools.partial(loss, lambda *a: attend(*a, "xla"))))(q)
     np.testing.assert_allclose(grad_splash, grad_xla, atol=1e-4)
 
 

@@ -124,8 +124,8 @@ def test_int8_weights_are_smaller_and_sample_the_same_tokens(trained_run):
     quantized = quantize_int8(loaded.params, model.logical_axes(cfg))
     assert nbytes(loaded.params) / nbytes(quantized) >= 3.5
     tokens = jnp.asarray([TOKENIZER.encode("The quick brown fox jumps over")])
-    exact = model.merge(cfg, loaded.params)(tokens)
-    approx = model.merge(cfg, dequantize(quantized))(tokens)
+    exact = jax.jit(lambda p: model.merge(cfg, p)(tokens))(loaded.params)
+    approx = jax.jit(lambda q: model.merge(cfg, dequantize(q))(tokens))(quantized)
     assert float(jnp.max(jnp.abs(exact - approx))) < 0.05 * float(jnp.max(jnp.abs(exact)))
     greedy = Sampling(20, temperature=0.0)
     full = generate(loaded.params, TOKENIZER, PROMPTS, cfg, greedy)
