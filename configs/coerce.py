@@ -83,6 +83,7 @@ def check_value(key: str, value: Any, hint: Any) -> None:
     if bounds is not None and value not in bounds:
         raise ConfigError(f"{key} {bounds.error(value)}")
 
+
 @functools.cache
 def _leaf_hints(cls: type, prefix: str = "") -> tuple[tuple[str, Any], ...]:
     leaves: tuple[tuple[str, Any], ...] = ()
@@ -128,8 +129,6 @@ def parse_text(raw: str, hint: Any) -> Any:
     inner = _optional(hint)
     if inner is not None:
         return None if raw.strip().lower() in _NONE_WORDS else parse_text(raw, inner)
-    if hint is str:
-        return raw
     if typing.get_origin(hint) is tuple:
         try:
             return json.loads(raw)

@@ -55,8 +55,8 @@ def _platform(params: Params, mesh: jax.sharding.Mesh | None) -> str:
     if mesh is not None:
         return mesh.devices.flat[0].platform
     leaf = jax.tree.leaves(params)[0]
-    devices = leaf.devices() if isinstance(leaf, jax.Array) else {jax.devices()[0]}
-    return next(iter(devices)).platform
+    device = next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else jax.devices()[0]
+    return device.platform
 
 
 def generate(params: Params, tokenizer: Any, prompts: list[str], cfg: ModelConfig,

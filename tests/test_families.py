@@ -66,6 +66,10 @@ def test_each_family_is_causal_and_respects_documents(family):
     assert not np.allclose(before[1, 5:], after[1, 5:])
 
 
+# Attention compiled as one program: run eagerly, every operation would compile alone.
+_attend = jax.jit(attend, static_argnames="impl")
+
+
 def _qkv(batch=2, length=128, heads=4, groups=2, head_dim=16):
     keys = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(keys[0], (batch, length, heads, head_dim))
@@ -78,12 +82,11 @@ def _qkv(batch=2, length=128, heads=4, groups=2, head_dim=16):
 def test_dot_product_attention_path_matches_xla_with_segments():
     # The cuDNN kernel needs an NVIDIA GPU; its jax.nn reference checks our mask handling.
     q, k, v, segments = _qkv()
-    xla = jax.jit(functools.partial(attend, impl="xla"))
-    expected = xla(q, k, v, segments)
+    expected = _attend(q, k, v, segments, "xla")
     got = jax.jit(functools.partial(dot_product_attention, implementation="xla"))(
         q, k, v, segments)
     np.testing.assert_allclose(got, expected, atol=2e-5)
-    assert not np.allclose(xla(q, k, v, None), expected, atol=1e-3)
+    assert not np.allclose(_attend(q, k, v, None, "xla"), expected, atol=1e-3)
 
 
 def test_dropout_changes_training_losses_by_key_and_never_evaluation():
@@ -113,9 +116,8 @@ def test_dropout_zeroes_its_rate_and_keeps_the_mean():
 def test_splash_kernel_matches_xla_sharded_and_not():
     # Off TPU the Pallas kernel runs in its interpreter: slow, so small shapes.
     q, k, v, segments = _qkv()
-    attend_jitted = jax.jit(attend, static_argnums=4)  # one program, not an op at a time
-    expected = attend_jitted(q, k, v, segments, "xla")
-    np.testing.assert_allclose(attend_jitted(q, k, v, segments, "splash"), expected, atol=2e-5)
+    expected = _attend(q, k, v, segments, "xla")
+    np.testing.assert_allclose(_attend(q, k, v, segments, "splash"), expected, atol=2e-5)
     config = tiny_config("mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2")
     mesh = make_mesh(config.mesh, jax.devices()[:4])  # rows over fsdp, heads over tensor
 
