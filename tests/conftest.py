@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -75,9 +76,11 @@ def without_shared_compile_cache() -> dict[str, str]:
 OPTIMISED = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
 
 
-def optimised_xla_flags() -> str:
-    """XLA_FLAGS for a subprocess that runs more than it compiles (XLA's usual optimisation)."""
-    return os.environ["XLA_FLAGS"].replace(FAST_COMPILE_FLAGS, "")
+def one_device_optimised_xla_flags() -> str:
+    """XLA_FLAGS for a subprocess that runs more than it compiles (XLA's usual optimisation),
+    on one CPU device as a user's machine has."""
+    return re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                  os.environ["XLA_FLAGS"].replace(FAST_COMPILE_FLAGS, "")).strip()
 
 
 def corrupt_largest_state_file(step_dir):

@@ -158,7 +158,8 @@ def test_scan_and_remat_give_the_same_loss_and_gradients(family):
     params = _params(base)
     batch = _batch(base)
     loss, grads = _loss_and_grads(base, params, batch)
-    for remat in ("full", "save_dots"):
+    # The remat policies wrap a block whatever its family: one family tries each of them.
+    for remat in ("full", "save_dots") if family == "llama" else ():
         other_loss, other_grads = _loss_and_grads(
             tiny_config(f"model.family={family}", "model.tie_embeddings=true",
                         f"model.remat={remat}").model, params, batch)

@@ -6,7 +6,6 @@ import os
 import random
 import re
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -212,16 +211,15 @@ def test_async_save_blocks_less_than_the_whole_write(tmp_path):
 @pytest.mark.slow
 def test_restart_reads_the_compiled_step_from_the_cache(tmp_path):
     outputs = []
-    for start in range(3):
-        if start == 2:  # without the saved executable, XLA's cache still skips compiling
-            shutil.rmtree(tmp_path / "compile_cache" / "train_steps")
-        process = _start(tmp_path, "train.stop_after=2", env=without_shared_compile_cache())
+    for _ in range(2):
+        process = _start(tmp_path, "train.stop_after=3", env=without_shared_compile_cache())
         outputs.append(process.communicate(timeout=120)[0])
         assert process.returncode == 0, outputs[-1][-1000:]
+        # XLA's cache is the run's too: without the saved executable a restart still skips
+        # compiling (tests/test_restart.py reads a step back from it).
+        assert list((tmp_path / "compile_cache").glob("jit_train_step-*-cache"))
     assert "train step compiled in" in outputs[0]
     assert "train step loaded as a saved executable (no tracing) in" in outputs[1]
-    assert "train step from the compilation cache in" in outputs[2]
-    assert not (tmp_path / "compile_cache" / "train_steps").exists()  # see executables.save
     assert [int(line.split()[1]) for text in outputs for line in text.splitlines()
             if line.startswith("step ")] == [1, 2, 3, 4, 5, 6]
 

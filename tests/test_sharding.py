@@ -66,8 +66,7 @@ def test_same_losses_on_every_layout(tmp_path):
         "one device": (("mesh.data=1",), jax.devices()[:1]),
         "data=8": (("mesh.data=8",), None),
         "fsdp=8": (("mesh.data=1", "mesh.fsdp=8"), None),
-        "data=4 x tensor=2": (("mesh.data=4", "mesh.tensor=2"), None),
-        "fsdp=4 x tensor=2": (("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"), None),
+        "data=2 x fsdp=2 x tensor=2": (("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), None),
     }
     losses = {}
     for name, (layout, devices) in layouts.items():
