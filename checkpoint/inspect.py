@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import pathlib
 import sys
 
 import configs
+import storage
 from checkpoint import integrity, reader
 from checkpoint.compat import config_diff
 
@@ -23,14 +23,14 @@ from checkpoint.compat import config_diff
 @dataclasses.dataclass(frozen=True)
 class StepInfo:
     step: int
-    path: pathlib.Path
+    path: storage.Path
     size_bytes: int
     complete: bool
     integrity: str  # "ok", "recorded", "unverified", "incomplete" or the damage found
 
 
-def _size(path: pathlib.Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def _size(path: storage.Path) -> int:
+    return sum(storage.files_under(path).values())
 
 
 def _integrity(found: reader.StepDir, verify: bool) -> str:
@@ -48,7 +48,7 @@ def _integrity(found: reader.StepDir, verify: bool) -> str:
     return "ok"
 
 
-def list_steps(checkpoint_dir: pathlib.Path, verify: bool = False) -> list[StepInfo]:
+def list_steps(checkpoint_dir: storage.Path, verify: bool = False) -> list[StepInfo]:
     """Every step directory, finished or still (or forever) being written; with `verify`,
     each complete step's files checked against their checksums."""
     return [StepInfo(found.step, found.path, _size(found.path), found.complete,

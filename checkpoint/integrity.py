@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import pathlib
+import os
 import zlib
 
+import storage
+
 MANIFEST = "checksums.json"
-# Orbax rewrites its step metadata (commit timestamps) after the data is final.
-UNCHECKED = {MANIFEST, "_CHECKPOINT_METADATA"}
+# Orbax rewrites its step metadata (commit timestamps) after the data is final, and on
+# Cloud Storage marks a finished step or item with a commit file, also after.
+UNCHECKED = {MANIFEST, "_CHECKPOINT_METADATA", "commit_success.txt"}
 _CHUNK = 1 << 22
 # Verifying before a restore reads with several threads, to keep reads in flight. Checksums
 # are written in the background of training with one: on a host whose cores all run the
@@ -28,7 +31,7 @@ class DamagedCheckpointError(ValueError):
     """A file of a checkpoint is missing, truncated or altered."""
 
 
-def _crc32(path: pathlib.Path) -> int:
+def _crc32(path: storage.Path) -> int:
     crc = 0
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
@@ -36,41 +39,43 @@ def _crc32(path: pathlib.Path) -> int:
     return crc
 
 
-def _files(step_dir: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in UNCHECKED)
+def _files(step_dir: storage.Path) -> dict[str, int]:
+    """The step's checked files, by path relative to it -> size: one listing, no stat each."""
+    return {name: size for name, size in sorted(storage.files_under(step_dir).items())
+            if os.path.basename(name) not in UNCHECKED}
 
 
-def _parallel_crc32(paths: list[pathlib.Path], threads: int) -> list[int]:
+def _parallel_crc32(paths: list[storage.Path], threads: int) -> list[int]:
     # Reads and zlib.crc32 release the GIL: threads keep several reads in flight.
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         return list(pool.map(_crc32, paths))
 
 
-def write_checksums(step_dir: pathlib.Path) -> int:
+def write_checksums(step_dir: storage.Path) -> int:
     """Record size and CRC32 of every file of the step; returns the total bytes."""
     files = _files(step_dir)
-    entries = {str(p.relative_to(step_dir)): {"size": p.stat().st_size, "crc32": crc}
-               for p, crc in zip(files, _parallel_crc32(files, _WRITE_THREADS), strict=True)}
-    tmp = step_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
-    tmp.rename(step_dir / MANIFEST)
+    crcs = _parallel_crc32([step_dir / name for name in files], _WRITE_THREADS)
+    entries = {name: {"size": size, "crc32": crc}
+               for (name, size), crc in zip(files.items(), crcs, strict=True)}
+    storage.write_atomically(step_dir / MANIFEST, json.dumps(entries, indent=1, sort_keys=True))
     return sum(e["size"] for e in entries.values())
 
 
-def has_checksums(step_dir: pathlib.Path) -> bool:
+def has_checksums(step_dir: storage.Path) -> bool:
     return (step_dir / MANIFEST).is_file()
 
 
-def verify(step_dir: pathlib.Path, step: int, under: str = "") -> None:
+def verify(step_dir: storage.Path, step: int, under: str = "") -> None:
     """Raise DamagedCheckpointError naming the step and the first bad file (of those whose
     path in the step starts with `under`, e.g. "config/": all by default)."""
     entries = [(name, e) for name, e in _manifest_entries(step_dir, step)
                if name.startswith(under)]
+    sizes = storage.files_under(step_dir)
     for name, expected in entries:
         path = step_dir / name
-        if not path.is_file():
+        if name not in sizes:
             raise DamagedCheckpointError(f"checkpoint step {step}: file {path} is missing")
-        size = path.stat().st_size
+        size = sizes[name]
         if size != expected["size"]:
             raise DamagedCheckpointError(
                 f"checkpoint step {step}: file {path} has {size} bytes, expected "
@@ -83,7 +88,7 @@ def verify(step_dir: pathlib.Path, step: int, under: str = "") -> None:
                 f"checkpoint step {step}: file {path} fails its CRC32 checksum (corrupted)")
 
 
-def _manifest_entries(step_dir: pathlib.Path, step: int) -> list[tuple[str, dict[str, int]]]:
+def _manifest_entries(step_dir: storage.Path, step: int) -> list[tuple[str, dict[str, int]]]:
     """The manifest's (file, {size, crc32}) pairs; a manifest that is not one is damage too."""
     path = step_dir / MANIFEST
     try:

@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+import storage
 from checkpoint import aftermath, integrity, reader
 from checkpoint.reader import TMP_SUFFIX, CheckpointError, verified_restore
 from configs.schema import CheckpointConfig
@@ -50,7 +51,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig,
                  report: Callable[[str], None] = print):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = storage.path(directory)
         self.cfg = cfg
         self.report = report
         # Orbax finalises saves one at a time, in order: the oldest entry is the one
@@ -136,17 +137,21 @@ class Checkpointer:
         self._watchers.append(watcher)
 
     def _report_when_committed(self, in_flight: _InFlight, size: int) -> None:
-        """Report once the step is in its final place: from then on it can be resumed from."""
-        final = self.directory / str(in_flight.step) / integrity.MANIFEST
+        """Report once the step is complete: from then on it can be resumed from."""
+        step_dir = self.directory / str(in_flight.step)
+        # On disk the step's final name appears with it; on Cloud Storage, its commit file.
+        # Each look at a bucket is a request: look there twice a second, not 200 times.
+        final, interval = ((step_dir / reader.COMMITTED, 0.5) if storage.is_remote(step_dir)
+                           else (step_dir / integrity.MANIFEST, 0.005))
         while not final.exists():
             if self._closed:
                 return
-            time.sleep(0.005)
+            time.sleep(interval)
         elapsed = time.perf_counter() - in_flight.started
         self.report(f"checkpoint step {in_flight.step}: committed {elapsed:.2f} s after the "
                     f"save started ({size / 1e6:.1f} MB)")
 
-    def _unfinished_dir(self, step: int) -> pathlib.Path:
+    def _unfinished_dir(self, step: int) -> storage.Path:
         """Where step `step` is being written: Orbax's temporary directory, else the final one."""
         pending = sorted(self.directory.glob(f"{step}{TMP_SUFFIX}*"))
         return pending[-1] if pending else self.directory / str(step)

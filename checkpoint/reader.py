@@ -20,10 +20,12 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+import storage
 from checkpoint import aftermath, integrity
 
 SUBDIR = "checkpoints"  # a run's checkpoints live in <run_dir>/checkpoints
-TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step still being written
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step still being written on disk
+COMMITTED = "commit_success.txt"  # on Cloud Storage, the object Orbax writes last instead
 CONFIG, STATE = "config", "state"  # the items `Checkpointer` saves a step's config and state as
 
 
@@ -34,28 +36,33 @@ class CheckpointError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class StepDir:
     step: int
-    path: pathlib.Path
+    path: storage.Path
     complete: bool
 
 
-def checkpoint_dir(run_dir: str | pathlib.Path) -> pathlib.Path:
-    """Where the checkpoints of the run in `run_dir` are kept."""
-    return pathlib.Path(run_dir).absolute() / SUBDIR
+def checkpoint_dir(run_dir: str | pathlib.Path) -> storage.Path:
+    """Where the checkpoints of the run in `run_dir` (a local path or gs:// URL) are kept."""
+    return storage.path(run_dir) / SUBDIR
 
 
 def step_dirs(directory: str | pathlib.Path) -> list[StepDir]:
     """Every step directory, finished or still (or forever) being written, in step order.
 
-    Orbax writes a step under `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>`
-    once every file is written, so the name alone says whether a step is complete.
+    On disk Orbax writes a step under `<step>.orbax-checkpoint-tmp-*` and renames it to
+    `<step>` once every file is written, so the name alone says whether a step is complete.
+    Cloud Storage has no rename: the step is written in place and complete once Orbax has
+    written its `commit_success.txt`, one small read a step.
     """
-    directory = pathlib.Path(directory)
+    directory = storage.path(directory)
+    remote = storage.is_remote(directory)
     found = []
     for path in directory.iterdir() if directory.is_dir() else []:
         name, complete = path.name, True
         if TMP_SUFFIX in name:
             name, complete = name.split(TMP_SUFFIX)[0], False
         if name.isdigit() and path.is_dir():
+            if remote:
+                complete = (path / COMMITTED).exists()
             found.append(StepDir(int(name), path, complete))
     return sorted(found, key=lambda s: (s.step, s.complete))
 
@@ -86,7 +93,7 @@ def saved_config(directory: str | pathlib.Path, step: int) -> dict[str, Any]:
     config that parses and differs. A step without checksums (saved before they existed)
     is read as it is.
     """
-    directory = pathlib.Path(directory).absolute()
+    directory = storage.path(directory)
     step_dir = directory / str(step)
     try:
         if integrity.has_checksums(step_dir):
@@ -102,7 +109,7 @@ def saved_config(directory: str | pathlib.Path, step: int) -> dict[str, Any]:
 
 def restore_params(directory: str | pathlib.Path, step: int, target: Any) -> Any:
     """Only the parameters of a step (no optimizer state is read), into `target`'s shardings."""
-    directory = pathlib.Path(directory).absolute()
+    directory = storage.path(directory)
     item = {"params": target}
     args = ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
@@ -118,7 +125,7 @@ def restore_params(directory: str | pathlib.Path, step: int, target: Any) -> Any
     return restored["params"]
 
 
-def verify_step(directory: pathlib.Path, step: int, report: Callable[[str], None]) -> None:
+def verify_step(directory: storage.Path, step: int, report: Callable[[str], None]) -> None:
     """CheckpointError naming the step and file unless the step's files match its checksums."""
     step_dir = directory / str(step)
     if not integrity.has_checksums(step_dir):
@@ -149,7 +156,7 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def verified_restore(directory: pathlib.Path, step: int, report: Callable[[str], None],
+def verified_restore(directory: storage.Path, step: int, report: Callable[[str], None],
                      restore: Callable[[], Any], what: str = "checkpoint") -> Any:
     """`restore()` of step `step`, its files checked against their checksums meanwhile.
 

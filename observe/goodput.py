@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import jax
 
+import storage
+
 CATEGORIES = ("initialisation", "compilation", "productive steps", "data wait",
               "checkpoint blocking", "evaluation", "idle")
 FILENAME = "goodput.json"
@@ -69,9 +71,9 @@ class Goodput:
     def save_and_print(self, run_dir: str | pathlib.Path, say) -> dict[str, float]:
         figures = self.report()
         if jax.process_index() == 0:
-            path = pathlib.Path(run_dir) / FILENAME
+            path = storage.path(run_dir) / FILENAME
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(figures, indent=1))
+            storage.write_atomically(path, json.dumps(figures, indent=1))
         total = max(figures["total"], 1e-9)
         lines = [f"goodput: {100 * figures['productive steps'] / total:.1f}% of "
                  f"{figures['total']:.1f} s wall time"]

@@ -1,7 +1,10 @@
 """`<run_dir>/metrics.jsonl`: one JSON object per logged step and per evaluation; the same
 scalars go to TensorBoard event files in `<run_dir>/tensorboard/`.
 
-A restarted run appends, so the file holds the whole history of the run.
+A restarted run appends, so the file holds the whole history of the run. In a gs:// run
+dir both files grow by objects composed onto them (`storage.AppendableFile`): records
+reach the bucket at most 10 s after they were written and at once when the run ends, so
+a SIGTERM loses nothing and a kill -9 at most the last 10 s.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 import jax
 
+import storage
 from observe.tensorboard_log import TensorBoardLog
 
 FILENAME = "metrics.jsonl"
@@ -20,19 +24,19 @@ FILENAME = "metrics.jsonl"
 
 class MetricsLog:
     def __init__(self, run_dir: str | pathlib.Path):
-        self.path = pathlib.Path(run_dir) / FILENAME
+        self.path = storage.path(run_dir) / FILENAME
+        self._file = storage.AppendableFile(self.path)
         self.tensorboard = TensorBoardLog(run_dir)
 
     def write(self, record: dict[str, Any]) -> None:
         if jax.process_index() != 0:
             return
         record = {**record, "time": round(time.time(), 3)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._file.append((json.dumps(record) + "\n").encode())
         self.tensorboard.write(record)
 
     def close(self) -> None:
+        self._file.close()
         self.tensorboard.close()
 
     def __enter__(self) -> MetricsLog:
@@ -44,5 +48,5 @@ class MetricsLog:
 
 def read(run_dir: str | pathlib.Path) -> list[dict[str, Any]]:
     """Every record of a run, oldest first."""
-    path = pathlib.Path(run_dir) / FILENAME
+    path = storage.path(run_dir) / FILENAME
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

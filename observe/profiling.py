@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
+import storage
 from configs.schema import ProfileConfig
 
 DIRNAME = "profile"
@@ -38,7 +41,11 @@ class StepProfiler:
 
     def __init__(self, config: ProfileConfig, run_dir: str | pathlib.Path, start: int,
                  end: int, report: Callable[[str], None]):
-        self.directory = pathlib.Path(run_dir) / DIRNAME
+        self.directory = storage.path(run_dir) / DIRNAME
+        # The profiler writes local files: for a gs:// run dir, into a local folder first,
+        # copied up when the trace stops.
+        self._local = (pathlib.Path(tempfile.mkdtemp(prefix="profile-"))
+                       if storage.is_remote(self.directory) else pathlib.Path(self.directory))
         self.report = report
         chief = jax.process_index() == 0  # one trace per run, like the other logs
         planned = window(config, start, end)
@@ -60,8 +67,8 @@ class StepProfiler:
         if self.window is None or step != self.window[0]:
             return
         jax.block_until_ready(state)  # earlier steps finish outside the trace
-        self.directory.mkdir(parents=True, exist_ok=True)
-        jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+        self._local.mkdir(parents=True, exist_ok=True)
+        jax.profiler.start_trace(str(self._local), create_perfetto_trace=True)
         self.tracing = True
         first, last = self.window
         self.report(f"profile: tracing steps {first}-{last} into {self.directory}")
@@ -76,8 +83,13 @@ class StepProfiler:
         jax.profiler.stop_trace()
         self.tracing = False
         # jax writes into plugins/profile/<timestamp>/ under the directory it was given.
-        runs = list((self.directory / "plugins" / "profile").iterdir())
-        latest = max(runs, key=os.path.getmtime)
+        runs = list((self._local / "plugins" / "profile").iterdir())
+        latest = self.directory / max(runs, key=os.path.getmtime).relative_to(self._local)
+        if storage.is_remote(self.directory):
+            for name in storage.files_under(self._local):
+                (self.directory / name).parent.mkdir(parents=True, exist_ok=True)
+                (self.directory / name).write_bytes((self._local / name).read_bytes())
+            shutil.rmtree(self._local)
         self.report(f"profile: trace written to {latest} (TensorBoard: --logdir "
                     f"{self.directory}; Perfetto: open {latest / 'perfetto_trace.json.gz'} in "
                     "ui.perfetto.dev)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import pathlib
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+import storage
 from observe.metrics_log import FILENAME
 
 DEFAULT_OUT = "report.png"
@@ -39,7 +41,7 @@ class History:
 
 def read(run_dir: str | pathlib.Path) -> History:
     """The latest record of every step of `RUN_DIR/metrics.jsonl`."""
-    path = pathlib.Path(run_dir) / FILENAME
+    path = storage.path(run_dir) / FILENAME
     records = _parse(path)
     train = _latest_per_step(r for r in records if "loss" in r)
     if not train:
@@ -51,7 +53,7 @@ def read(run_dir: str | pathlib.Path) -> History:
     return History(train, evals)
 
 
-def _parse(path: pathlib.Path) -> list[dict[str, Any]]:
+def _parse(path: storage.Path) -> list[dict[str, Any]]:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -112,7 +114,7 @@ def figure(run_dir: str | pathlib.Path) -> Figure:
     loss_ax.plot(*_series(history.train, "loss"), label="train")
     for name, records in history.evals.items():
         loss_ax.plot(*_series(records, "eval_loss"), "o--", label=f"eval: {name}")
-    loss_ax.set(ylabel="loss", title=pathlib.Path(run_dir).absolute().name)
+    loss_ax.set(ylabel="loss", title=storage.path(run_dir).name)
     loss_ax.legend()
     speed_ax.plot(*_series(history.train, "tokens_per_s"), label="tokens/s")
     speed_ax.set(ylabel="tokens / s")
@@ -125,12 +127,14 @@ def figure(run_dir: str | pathlib.Path) -> Figure:
     return fig
 
 
-def plot(run_dir: str | pathlib.Path, out: str | pathlib.Path | None = None) -> pathlib.Path:
-    """Write the report PNG (default `RUN_DIR/report.png`); returns its path."""
-    path = pathlib.Path(out) if out is not None else pathlib.Path(run_dir) / DEFAULT_OUT
+def plot(run_dir: str | pathlib.Path, out: str | pathlib.Path | None = None) -> storage.Path:
+    """Write the report PNG (default `RUN_DIR/report.png`; a gs:// URL too); returns its path."""
+    path = storage.path(out if out is not None else storage.path(run_dir) / DEFAULT_OUT)
     fig = figure(run_dir)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    path.write_bytes(png.getvalue())
     return path
 
 
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    print(f"wrote {path} ({path.stat().length:,} bytes)")
     return 0
 
 

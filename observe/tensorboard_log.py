@@ -14,7 +14,9 @@ import os
 import pathlib
 import struct
 import time
-from typing import Any, BinaryIO
+from typing import Any
+
+import storage
 
 DIRNAME = "tensorboard"
 NOT_SCALARS = ("step", "time", "dataset")
@@ -28,11 +30,12 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardLog:
-    """Writes records as events; each is flushed at once so a live TensorBoard sees it."""
+    """Writes records as events: on disk each is flushed at once so a live TensorBoard sees
+    it; in a bucket, as metrics.jsonl is (`storage.AppendableFile`)."""
 
     def __init__(self, run_dir: str | pathlib.Path):
-        self.directory = pathlib.Path(run_dir) / DIRNAME
-        self._file: BinaryIO | None = None
+        self.directory = storage.path(run_dir) / DIRNAME
+        self._file: storage.AppendableFile | None = None
 
     def write(self, record: dict[str, Any]) -> None:
         values = b"".join(_field(1, _summary_value(tag, value))
@@ -50,12 +53,10 @@ class TensorBoardLog:
         if self._file is None:
             # Opened on the first record, so an invocation that logs nothing leaves no
             # file; pid and nanoseconds keep two writers of one second apart.
-            self.directory.mkdir(parents=True, exist_ok=True)
             name = f"events.out.tfevents.{time.time():.0f}.{os.getpid()}.{time.time_ns()}"
-            self._file = open(self.directory / name, "ab")  # noqa: SIM115 (kept open)
-            self._file.write(_record(_double(1, time.time()) + _field(3, b"brain.Event:2")))
-        self._file.write(_record(event))
-        self._file.flush()
+            self._file = storage.AppendableFile(self.directory / name)
+            self._file.append(_record(_double(1, time.time()) + _field(3, b"brain.Event:2")))
+        self._file.append(_record(event))
 
 
 # TFRecord framing: length, its masked CRC32C, the data, its masked CRC32C.

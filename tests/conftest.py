@@ -6,6 +6,7 @@ import re
 import shutil
 import sys
 import tempfile
+import uuid
 
 # XLA:CPU compiles the tests' tiny programs without LLVM's costly optimisations: compiling,
 # not running, is most of a test's time. Every process of the session (subprocesses
@@ -29,9 +30,18 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 # The repository root, so tests import the packages whether or not they are installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gcs_server import GCSServer, free_port  # noqa: E402
+
+# Every gs:// URL of the session, its subprocesses' included, goes to a GCS-protocol server
+# on 127.0.0.1 (the `gcs_server` fixture starts it): `storage` points each client at it and
+# away from any cloud endpoint, so no request leaves the machine.
+GCS_PORT = free_port()
+os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{GCS_PORT}"
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+import storage  # noqa: E402
 from configs import Config, ModelConfig, load, resolve_auto  # noqa: E402
 
 # Tiny shapes: every test compiles in a second or two on 2 cores.
@@ -84,13 +94,15 @@ def one_device_optimised_xla_flags() -> str:
 
 
 def corrupt_largest_state_file(step_dir):
-    """Flip a byte in the middle of a checkpoint step's largest array file; that file."""
-    files = sorted((p for p in (step_dir / "state").rglob("*") if p.is_file()),
-                   key=lambda p: p.stat().st_size)
-    data = bytearray(files[-1].read_bytes())
+    """Flip a byte in the middle of a checkpoint step's largest array file (on disk or in a
+    bucket); that file."""
+    state = storage.path(step_dir) / "state"
+    sizes = storage.files_under(state)
+    largest = state / max(sizes, key=sizes.get)
+    data = bytearray(largest.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    files[-1].write_bytes(bytes(data))
-    return files[-1]
+    largest.write_bytes(bytes(data))
+    return largest
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -120,3 +132,18 @@ def saved_run(_saved_run, tmp_path):
     """A copy of the session's saved run in this test's tmp_path, for the test to change."""
     shutil.copytree(_saved_run, tmp_path, dirs_exist_ok=True)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """The session's GCS-protocol server (see tests/gcs_server.py)."""
+    server = GCSServer(tmp_path_factory.mktemp("gcs"), GCS_PORT).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(gcs_server, request) -> str:
+    """A new bucket of the test's own on the session's server, as `gs://<name>`."""
+    stem = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:48]
+    return gcs_server.create_bucket(f"{stem}-{uuid.uuid4().hex[:8]}")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import configs
+import storage
 from checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -212,13 +213,23 @@ def _items(directory, paths):
     return {path.relative_to(directory).parts[1] for path in paths}
 
 
+@pytest.fixture(params=["local", "gs"])
+def run_place(request, tmp_path):
+    """A run directory on disk, or in a new bucket of the local GCS-protocol server."""
+    return tmp_path if request.param == "local" else request.getfixturevalue("bucket") + "/run"
+
+
 def test_latest_step_and_its_config_are_found_without_reading_array_files(
-        tmp_path, monkeypatch):
-    config, target = _two_saved_steps(tmp_path)
-    directory = checkpoint_dir(tmp_path)
+        run_place, monkeypatch):
+    config, target = _two_saved_steps(run_place)
+    directory = checkpoint_dir(run_place)
     damaged = {step: corrupt_largest_state_file(directory / str(step))
                for step in (1, 2)}
-    (directory / "3.orbax-checkpoint-tmp-7").mkdir()  # a step still being written
+    if storage.is_remote(directory):  # written in place; complete once its commit file is
+        (directory / "3" / "state").mkdir(parents=True)
+        (directory / "3" / "state" / "_METADATA").write_text("{}")
+    else:  # written under a temporary name, renamed when complete
+        (directory / "3.orbax-checkpoint-tmp-7").mkdir()
     checked = _record_checksummed_files(monkeypatch)
 
     assert [(s.step, s.complete) for s in reader.step_dirs(directory)] == [

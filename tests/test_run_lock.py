@@ -1,12 +1,15 @@
 """One training process per run directory: a second is refused, a killed one frees it."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
+import storage
 from conftest import TINY_OVERRIDES, tiny_config
 from train import run
 from train.__main__ import main
@@ -42,3 +45,42 @@ def test_the_cli_refuses_a_held_run_dir_and_a_killed_holder_leaves_no_lock(tmp_p
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert run(tiny_config(*SHORT, f"run_dir={tmp_path}")).final_step == 6
+
+
+def test_a_lock_in_a_bucket_refuses_a_second_run_is_renewed_and_released(bucket, monkeypatch):
+    monkeypatch.setenv("IO_FIRST_LM_LOCK_LEASE_S", "0.6")
+    run_dir = f"{bucket}/run"
+    lock = storage.path(run_dir) / "run.0.lock"
+    with held(run_dir, 0):
+        holder = lock.read_text()
+        assert holder.startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(RunDirInUseError, match=rf"in use .*\({re.escape(holder)}; lock "
+                                                   rf"{re.escape(os.fspath(lock))}\)"):
+            with held(run_dir, 0):
+                pass
+        generation = _generation(lock)
+        time.sleep(0.5)  # past a third of the lease: renewed since
+        assert _generation(lock) > generation
+    assert not lock.exists()  # released
+
+
+def test_a_lock_left_in_a_bucket_by_a_killed_run_expires_after_the_lease(bucket, monkeypatch):
+    monkeypatch.setenv("IO_FIRST_LM_LOCK_LEASE_S", "1")
+    run_dir = f"{bucket}/run"
+    lock = storage.path(run_dir) / "run.0.lock"
+    lock.write_text("pid 1 on a-lost-vm since 2026-12-01T00:00:00")  # nobody renews it
+    with pytest.raises(RunDirInUseError, match="a-lost-vm"):
+        with held(run_dir, 0):
+            pass
+    time.sleep(1.2)
+    reports = []
+    with held(run_dir, 0, report=reports.append):
+        assert lock.read_text().startswith(f"pid {os.getpid()} on ")
+    assert "stopped renewing it" in reports[0] and "a-lost-vm" in reports[0]
+
+
+def _generation(lock) -> int:
+    from google.cloud import storage as gcs_client
+
+    bucket, _, name = os.fspath(lock).removeprefix("gs://").partition("/")
+    return gcs_client.Client().bucket(bucket).get_blob(name).generation

@@ -21,6 +21,7 @@ import checkpoint
 import configs
 import input as data_input
 import sharding
+import storage
 from checkpoint import aftermath
 from configs.schema import Config
 from observe import progress
@@ -135,10 +136,16 @@ def _enable_compile_cache(config: Config) -> pathlib.Path | None:
     """Turn on XLA's cache; the folder for whole saved steps (single-process runs), if any."""
     if not config.train.compile_cache:
         return None
-    cache_dir = config.train.compile_cache_dir or pathlib.Path(config.run_dir) / "compile_cache"
+    cache_dir = config.train.compile_cache_dir or storage.path(config.run_dir) / "compile_cache"
     cache_dir = jax_cache.enable(cache_dir)
     say(f"compilation cache: {cache_dir}")
-    return pathlib.Path(cache_dir) / "train_steps" if jax.process_count() == 1 else None
+    if jax.process_count() > 1:
+        return None
+    if storage.is_remote(cache_dir):
+        say("saved executables are kept on local disk only: on gs:// the train step is read "
+            "from XLA's compilation cache, traced again")
+        return None
+    return pathlib.Path(cache_dir) / "train_steps"
 
 
 def _check_fits(config: Config, mesh: jax.sharding.Mesh, tokenizer: Any) -> None:

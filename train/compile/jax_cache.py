@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import jax
+
+import storage
 
 _HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _hits = 0
@@ -27,8 +30,9 @@ def enable(directory: str | pathlib.Path) -> str:
     """
     current = jax.config.jax_compilation_cache_dir
     if not current:
-        pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", str(directory))
+        directory = storage.path(directory)  # JAX reads and writes gs:// itself
+        directory.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", os.fspath(directory))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         current = str(directory)
     return current
