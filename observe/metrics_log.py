@@ -3,8 +3,10 @@ scalars go to TensorBoard event files in `<run_dir>/tensorboard/`.
 
 A restarted run appends, so the file holds the whole history of the run. In a gs:// run
 dir both files grow by objects composed onto them (`storage.AppendableFile`): records
-reach the bucket at most 10 s after they were written and at once when the run ends, so
-a SIGTERM loses nothing and a kill -9 at most the last 10 s.
+reach the bucket at most `storage.appendable.FLUSH_SECONDS` (10 s) after they were
+written and at once on `close` (the run's end, a SIGTERM'd run's included), so a SIGTERM
+loses nothing and a kill -9 can lose the last FLUSH_SECONDS of records. On disk every
+record is in the file as soon as it is written, as before.
 """
 
 from __future__ import annotations

@@ -42,10 +42,10 @@ class StepProfiler:
     def __init__(self, config: ProfileConfig, run_dir: str | pathlib.Path, start: int,
                  end: int, report: Callable[[str], None]):
         self.directory = storage.path(run_dir) / DIRNAME
-        # The profiler writes local files: for a gs:// run dir, into a local folder first,
-        # copied up when the trace stops.
-        self._local = (pathlib.Path(tempfile.mkdtemp(prefix="profile-"))
-                       if storage.is_remote(self.directory) else pathlib.Path(self.directory))
+        # The profiler writes local files: for a gs:// run dir, into a local temporary
+        # folder (made when the trace starts), copied up when the trace stops.
+        self._local: pathlib.Path | None = (
+            None if storage.is_remote(self.directory) else pathlib.Path(self.directory))
         self.report = report
         chief = jax.process_index() == 0  # one trace per run, like the other logs
         planned = window(config, start, end)
@@ -67,6 +67,8 @@ class StepProfiler:
         if self.window is None or step != self.window[0]:
             return
         jax.block_until_ready(state)  # earlier steps finish outside the trace
+        if storage.is_remote(self.directory):
+            self._local = pathlib.Path(tempfile.mkdtemp(prefix="profile-"))
         self._local.mkdir(parents=True, exist_ok=True)
         jax.profiler.start_trace(str(self._local), create_perfetto_trace=True)
         self.tracing = True
@@ -86,10 +88,12 @@ class StepProfiler:
         runs = list((self._local / "plugins" / "profile").iterdir())
         latest = self.directory / max(runs, key=os.path.getmtime).relative_to(self._local)
         if storage.is_remote(self.directory):
-            for name in storage.files_under(self._local):
-                (self.directory / name).parent.mkdir(parents=True, exist_ok=True)
-                (self.directory / name).write_bytes((self._local / name).read_bytes())
-            shutil.rmtree(self._local)
+            try:  # the same relative layout under <run_dir>/profile/ in the bucket
+                for name in storage.files_under(self._local):
+                    (self.directory / name).write_bytes((self._local / name).read_bytes())
+            finally:
+                shutil.rmtree(self._local, ignore_errors=True)
+                self._local = None
         self.report(f"profile: trace written to {latest} (TensorBoard: --logdir "
                     f"{self.directory}; Perfetto: open {latest / 'perfetto_trace.json.gz'} in "
                     "ui.perfetto.dev)")
