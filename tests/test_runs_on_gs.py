@@ -10,6 +10,7 @@ import storage
 from checkpoint import checkpoint_dir, complete_steps
 from checkpoint.inspect import main as inspect_main
 from conftest import SAVED_RUN, TINY_OVERRIDES, tiny_config
+from generate.loading import load
 from observe import metrics_log, report, tensorboard_log
 from train import run
 
@@ -51,6 +52,12 @@ def test_a_run_in_a_bucket_stops_resumes_and_ends_as_the_same_run_on_disk(
     assert in_bucket["train/loss"] == on_disk_events["train/loss"]  # timings differ, not these
     assert report.plot(run_dir) == root / "report.png" and (root / "report.png").exists()
     assert not (root / "run.0.lock").exists()  # released
+
+    loaded = load(run_dir)  # what `python -m generate gs://...` samples from
+    assert loaded.step == 6
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(resumed.state.params),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     assert inspect_main([run_dir, *TINY_OVERRIDES, *SAVED_RUN, "--verify"]) == 0
     listed = [line.split() for line in capsys.readouterr().out.splitlines()
