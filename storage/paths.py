@@ -51,6 +51,12 @@ def path(location: str | os.PathLike) -> Path:
     return epath.Path(pathlib.Path(location).absolute())
 
 
+def bucket_and_name(url: str | os.PathLike) -> tuple[str, str]:
+    """`gs://bucket/a/b` -> ("bucket", "a/b"), for clients that name the two apart."""
+    bucket, _, name = os.fspath(url).removeprefix(GCS_PREFIX).partition("/")
+    return bucket, name
+
+
 def gcs() -> fsspec.AbstractFileSystem:
     """gcsfs, the same instance `epath` uses for gs:// paths."""
     return fsspec.filesystem("gcs", finalize_on_close=True)

@@ -153,5 +153,5 @@ def test_a_run_whose_lock_was_taken_over_is_warned_and_keeps_going(bucket, monke
 def _generation(lock) -> int:
     from google.cloud import storage as gcs_client
 
-    bucket, _, name = os.fspath(lock).removeprefix("gs://").partition("/")
+    bucket, name = storage.paths.bucket_and_name(lock)
     return gcs_client.Client().bucket(bucket).get_blob(name).generation

@@ -128,7 +128,7 @@ class _Lease:
         from google.api_core import exceptions
         from google.cloud.storage.retry import DEFAULT_RETRY
 
-        bucket_name, _, name = os.fspath(path).removeprefix(storage.paths.GCS_PREFIX).partition("/")
+        bucket_name, name = storage.paths.bucket_and_name(path)
         self.path, self.lease, self.report = path, lease, report
         self.blob = _client().bucket(bucket_name).blob(name)
         self.token = uuid.uuid4().hex
