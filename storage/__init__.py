@@ -11,8 +11,11 @@ from storage.paths import (
     Path,
     files_under,
     is_remote,
+    objects_under,
     path,
     write_atomically,
 )
+from storage.transfer import local_copy, written_to
 
-__all__ = ["AppendableFile", "Path", "files_under", "is_remote", "path", "write_atomically"]
+__all__ = ["AppendableFile", "Path", "files_under", "is_remote", "local_copy", "objects_under",
+           "path", "write_atomically", "written_to"]

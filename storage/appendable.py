@@ -26,6 +26,7 @@ class AppendableFile:
         self._pending: list[bytes] = []
         self._flushed_at = time.monotonic()
         self._local = None
+        self._exists: bool | None = None  # of the object; asked once, then known
 
     def append(self, data: bytes) -> None:
         if not self._remote:
@@ -46,8 +47,11 @@ class AppendableFile:
             return
         data = b"".join(self._pending)
         target, fs = os.fspath(self.path), gcs()
-        if not fs.exists(target):
+        if self._exists is None:
+            self._exists = fs.exists(target)
+        if not self._exists:
             fs.pipe_file(target, data)
+            self._exists = True
         else:
             part = f"{target}.part-{uuid.uuid4().hex}"
             fs.pipe_file(part, data)

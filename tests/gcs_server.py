@@ -67,3 +67,12 @@ class GCSServer:
             if e.code != 409:  # 409: it exists already
                 raise
         return f"gs://{name}"
+
+
+def emulator_env(url: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a subprocess whose clients all talk to the server (or proxy) at
+    `url`: the variables `storage` would otherwise set from an inherited
+    STORAGE_EMULATOR_HOST only if unset."""
+    env = dict(os.environ if base is None else base)
+    env["STORAGE_EMULATOR_HOST"] = env["TENSORSTORE_GCS_HTTP_URL"] = url
+    return env
