@@ -2,7 +2,11 @@
 
 TensorStore does not detect a flipped bit inside a chunk: the restore succeeds
 with wrong values. So once Orbax has finalised a step, we record the size and
-CRC32 of each of its files, and refuse to restore a step whose files differ.
+checksum of each of its files, and refuse to restore a step whose files differ.
+On disk the checksum is a CRC32 of the file's bytes. In a bucket it is the CRC32C that
+Cloud Storage computed from the bytes it stored, read from one listing: reading a step
+back to checksum it would download it once more after the save, and again before
+every restore.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import concurrent.futures
 import json
 import os
 import zlib
+
+import google_crc32c
 
 import storage
 
@@ -31,12 +37,24 @@ class DamagedCheckpointError(ValueError):
     """A file of a checkpoint is missing, truncated or altered."""
 
 
-def _crc32(path: storage.Path) -> int:
+KINDS = ("crc32", "crc32c")
+"""The checksums a manifest entry may hold: crc32 (written on disk), crc32c (in a bucket)."""
+
+
+def _read_checksum(path: storage.Path, kind: str) -> int:
     crc = 0
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
+            crc = zlib.crc32(chunk, crc) if kind == "crc32" else google_crc32c.extend(crc, chunk)
     return crc
+
+
+def _checksum(path: storage.Path, kind: str, kept_crc32c: int | None) -> int:
+    """The file's checksum of `kind`: the CRC32C a bucket keeps for it if that is the kind
+    (nothing is read), else computed from its bytes."""
+    if kind == "crc32c" and kept_crc32c is not None:
+        return kept_crc32c
+    return _read_checksum(path, kind)
 
 
 def _files(step_dir: storage.Path) -> dict[str, int]:
@@ -45,17 +63,28 @@ def _files(step_dir: storage.Path) -> dict[str, int]:
             if os.path.basename(name) not in UNCHECKED}
 
 
-def _parallel_crc32(paths: list[storage.Path], threads: int) -> list[int]:
-    # Reads and zlib.crc32 release the GIL: threads keep several reads in flight.
+def _parallel_checksums(jobs: list[tuple[storage.Path, str, int | None]],
+                        threads: int) -> list[int]:
+    # Reads, zlib.crc32 and google_crc32c release the GIL: threads keep reads in flight.
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(_crc32, paths))
+        return list(pool.map(lambda job: _checksum(*job), jobs))
+
+
+def _kept_crc32c(step_dir: storage.Path) -> dict[str, int]:
+    """The CRC32C of every object of a step in a bucket (one listing); {} on disk."""
+    if not storage.is_remote(step_dir):
+        return {}
+    return {name: stored.crc32c for name, stored in storage.objects_under(step_dir).items()}
 
 
 def write_checksums(step_dir: storage.Path) -> int:
-    """Record size and CRC32 of every file of the step; returns the total bytes."""
+    """Record size and checksum of every file of the step; returns the total bytes."""
     files = _files(step_dir)
-    crcs = _parallel_crc32([step_dir / name for name in files], _WRITE_THREADS)
-    entries = {name: {"size": size, "crc32": crc}
+    kept = _kept_crc32c(step_dir)
+    kind = "crc32c" if kept else "crc32"
+    crcs = _parallel_checksums([(step_dir / name, kind, kept.get(name)) for name in files],
+                               _WRITE_THREADS)
+    entries = {name: {"size": size, kind: crc}
                for (name, size), crc in zip(files.items(), crcs, strict=True)}
     storage.write_atomically(step_dir / MANIFEST, json.dumps(entries, indent=1, sort_keys=True))
     return sum(e["size"] for e in entries.values())
@@ -80,23 +109,30 @@ def verify(step_dir: storage.Path, step: int, under: str = "") -> None:
             raise DamagedCheckpointError(
                 f"checkpoint step {step}: file {path} has {size} bytes, expected "
                 f"{expected['size']} (truncated or overwritten)")
-    paths = [step_dir / name for name, _ in entries]
-    for path, (_, expected), crc in zip(paths, entries, _parallel_crc32(paths, _VERIFY_THREADS),
-                                         strict=True):
-        if crc != expected["crc32"]:
-            raise DamagedCheckpointError(
-                f"checkpoint step {step}: file {path} fails its CRC32 checksum (corrupted)")
+    kept = _kept_crc32c(step_dir)
+    jobs = [(step_dir / name, _kind(e), kept.get(name)) for name, e in entries]
+    for (path, kind, _), (_, expected), crc in zip(
+            jobs, entries, _parallel_checksums(jobs, _VERIFY_THREADS), strict=True):
+        if crc != expected[kind]:
+            raise DamagedCheckpointError(f"checkpoint step {step}: file {path} fails its "
+                                         f"{kind.upper()} checksum (corrupted)")
+
+
+def _kind(entry: dict[str, int]) -> str:
+    return next(kind for kind in KINDS if kind in entry)
 
 
 def _manifest_entries(step_dir: storage.Path, step: int) -> list[tuple[str, dict[str, int]]]:
-    """The manifest's (file, {size, crc32}) pairs; a manifest that is not one is damage too."""
+    """The manifest's (file, {size, crc32 or crc32c}) pairs; a manifest that is not one is
+    damage too."""
     path = step_dir / MANIFEST
     try:
         entries = json.loads(path.read_text())
         if not (isinstance(entries, dict) and all(
                 isinstance(e, dict) and isinstance(e.get("size"), int)
-                and isinstance(e.get("crc32"), int) for e in entries.values())):
-            raise ValueError("not a map of file name to size and crc32")
+                and any(isinstance(e.get(kind), int) for kind in KINDS)
+                for e in entries.values())):
+            raise ValueError("not a map of file name to size and crc32 or crc32c")
     except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise DamagedCheckpointError(
             f"checkpoint step {step}: its checksum file {path} is unreadable ({e})") from e

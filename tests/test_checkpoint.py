@@ -202,9 +202,11 @@ def _two_saved_steps(run_dir):
 
 
 def _record_checksummed_files(monkeypatch):
-    """The files whose CRC32 is computed from here on, in a list that grows."""
-    checked, crc32 = [], integrity._crc32
-    monkeypatch.setattr(integrity, "_crc32", lambda path: checked.append(path) or crc32(path))
+    """The files whose checksum is checked from here on (computed from the bytes on disk,
+    looked up in a bucket's listing), in a list that grows."""
+    checked, checksum = [], integrity._checksum
+    monkeypatch.setattr(integrity, "_checksum",
+                        lambda path, *how: checked.append(path) or checksum(path, *how))
     return checked
 
 
@@ -245,8 +247,9 @@ def test_latest_step_and_its_config_are_found_without_reading_array_files(
     ckpt.close()
     assert checked and _items(directory, checked) == {"config"}  # a few kB, never the arrays
 
+    kind = "CRC32C" if storage.is_remote(directory) else "CRC32"  # the bucket's own
     with pytest.raises(CheckpointError, match=re.escape(
-            f"checkpoint step 2: file {damaged[2]} fails its CRC32 checksum (corrupted)")):
+            f"checkpoint step 2: file {damaged[2]} fails its {kind} checksum (corrupted)")):
         restore_params(directory, 2, target.params)
     assert "state" in _items(directory, checked)
 
