@@ -1,10 +1,15 @@
 """`python -m input.prepare SOURCE... --out DIR`: raw text -> token shards + manifest.json.
 
-Sources are files, directories (searched recursively) or globs of .txt, .jsonl
-and .jsonl.gz. Work is cut into units before anything is read: uncompressed
-files into line-aligned byte ranges of about --shard-mb each, compressed files
-whole. Each unit becomes one shard, tokenized by a pool of worker processes
-and written atomically with a record of its counts and checksums. The plan
+Sources are files, directories (searched recursively) or globs of .txt, .jsonl,
+.jsonl.gz and .parquet, on local disk or in a bucket (`gs://bucket/dir`: one
+listing by prefix; `gs://bucket/dir/*.jsonl`); --out may be in a bucket too.
+Objects are read through the storage seam (the driver reads only a few KB
+around each cut) and every output file is one atomic upload there. Work is cut
+into units before anything is read: uncompressed files into line-aligned byte
+ranges of about --shard-mb each, compressed files whole. Each unit becomes
+one shard, tokenized by a pool of worker processes and written atomically
+with a record of its counts and checksums (CRC32, and the CRC32C that Cloud
+Storage keeps for each object, checked without a download). The plan
 depends only on the sources and --shard-mb, so a killed run started again
 redoes only the unfinished shards and ends byte-identical to an uninterrupted
 run, whatever the number of workers.
@@ -18,23 +23,36 @@ slice of a memory map: no per-record decoding, no copies until the batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import gzip
+import io
 import json
 import multiprocessing
 import os
 import pathlib
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+import storage
 from input.corpus import DataError, decode_utf8, jsonl_document
-from input.shards import FORMAT, MANIFEST, file_crc32, shard_file
+from input.shards import FORMAT, MANIFEST, checksums, shard_file
 from input.tokenizer import Tokenizer, get_tokenizer, token_dtype, train_bpe
+from storage.paths import (
+    bucket_and_name,
+    bucket_exists,
+    file_size,
+    glob_objects,
+    open_reader,
+    read_files,
+    read_range,
+)
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 ENCODE_BATCH = 512  # documents per tokenizer call: the Rust tokenizers parallelise a batch
@@ -45,7 +63,8 @@ TRAINED_TOKENIZER = "tokenizer.json"
 class Unit:
     """One shard's worth of input: bytes [start, end) of a file (end -1: to the end).
 
-    For .parquet files, start and end count row groups instead of bytes.
+    `path` is an absolute local path or a gs:// URL. For .parquet files, start and end
+    count row groups instead of bytes.
     """
 
     index: int
@@ -58,61 +77,91 @@ class Unit:
         return f"shard-{self.index:05d}"
 
 
-def _kind(path: pathlib.Path) -> str | None:
-    return next((s for s in SUFFIXES if path.name.endswith(s) and
-                 not (s == ".jsonl" and path.name.endswith(".jsonl.gz"))), None)
+def _kind(name: str) -> str | None:
+    return next((s for s in SUFFIXES if name.endswith(s) and
+                 not (s == ".jsonl" and name.endswith(".jsonl.gz"))), None)
 
 
-def find_sources(sources: list[str]) -> list[pathlib.Path]:
-    """Every input file, sorted; a source that matches nothing is an error naming it."""
-    files: set[pathlib.Path] = set()
+def _unsupported(name: str) -> DataError:
+    return DataError(f"{name}: unsupported file type (expected one of {', '.join(SUFFIXES)})")
+
+
+def _local_matches(source: str) -> list[str]:
+    matches = [pathlib.Path(p) for p in glob.glob(source)] or [pathlib.Path(source)]
+    found = []
+    for match in matches:
+        if match.is_dir():
+            found += [p for p in match.rglob("*") if p.is_file() and _kind(p.name)]
+        elif match.is_file():
+            if not _kind(match.name):
+                raise _unsupported(str(match))
+            found.append(match)
+    return [str(p.resolve()) for p in found]
+
+
+def _remote_matches(source: str) -> list[str]:
+    """The objects of a gs:// source: a glob, one object, or a prefix (one listing of it,
+    never a recursive `**` glob, which GCS refuses)."""
+    if glob.has_magic(source):
+        matches = glob_objects(source)
+    else:
+        matches = {source: "file" if storage.path(source).is_file() else "directory"}
+    found = []
+    for match, kind in matches.items():
+        if kind == "file":
+            if not _kind(match):
+                raise _unsupported(match)
+            found.append(match)
+            continue
+        with contextlib.suppress(FileNotFoundError):  # no such bucket: nothing found
+            found += [f"{match.rstrip('/')}/{name}" for name in storage.files_under(match)
+                      if _kind(name)]
+    return found
+
+
+def find_sources(sources: list[str]) -> list[str]:
+    """Every input file (absolute local paths and gs:// URLs), sorted; a source that matches
+    nothing is an error naming it."""
+    files: set[str] = set()
     for source in sources:
-        matches = [pathlib.Path(p) for p in glob.glob(source)] or [pathlib.Path(source)]
-        found = []
-        for match in matches:
-            if match.is_dir():
-                found += [p for p in match.rglob("*") if p.is_file() and _kind(p)]
-            elif match.is_file():
-                if not _kind(match):
-                    raise DataError(f"{match}: unsupported file type (expected one of "
-                                    f"{', '.join(SUFFIXES)})")
-                found.append(match)
+        found = (_remote_matches if storage.is_remote(source) else _local_matches)(source)
         if not found:
             raise DataError(f"source {source!r} matches no {'/'.join(SUFFIXES)} file")
-        files.update(p.resolve() for p in found)
-    return sorted(files)
+        files.update(found)
+    # By path components, as pathlib sorts: the unit order of a local prepare is unchanged.
+    return sorted(files, key=lambda f: pathlib.PurePosixPath(f).parts)
 
 
-def _line_aligned(path: pathlib.Path, offset: int) -> int:
-    """The first offset >= `offset` that starts a line (or the file size)."""
-    size = path.stat().st_size
+def _line_aligned(path: str, offset: int, size: int) -> int:
+    """The first offset >= `offset` that starts a line (or the file size); reads only a
+    little around `offset`."""
     if offset <= 0 or offset >= size:
         return min(max(offset, 0), size)
-    with path.open("rb") as f:
-        f.seek(offset - 1)
-        while chunk := f.read(1 << 16):
-            newline = chunk.find(b"\n")
-            if newline >= 0:
-                return min(f.tell() - len(chunk) + newline + 1, size)
+    at, want = offset - 1, 1 << 13  # most lines end within a few KB; a long one, in more
+    while chunk := read_range(path, at, min(at + want, size)):
+        newline = chunk.find(b"\n")
+        if newline >= 0:
+            return min(at + newline + 1, size)
+        at, want = at + len(chunk), min(want * 2, 1 << 20)
     return size
 
 
-def plan_units(files: list[pathlib.Path], shard_bytes: int) -> list[Unit]:
+def plan_units(files: list[str], shard_bytes: int) -> list[Unit]:
     """Cut the input into units; depends only on the files and shard_bytes."""
     units: list[Unit] = []
-    for path in files:
-        if path.suffix == ".parquet":
+    for path in map(str, files):
+        if path.endswith(".parquet"):
             for group in range(_parquet(path).num_row_groups):
-                units.append(Unit(len(units), str(path), group, group + 1))
+                units.append(Unit(len(units), path, group, group + 1))
             continue
-        size = path.stat().st_size
-        if path.name.endswith(".gz") or size == 0:
-            units.append(Unit(len(units), str(path), 0, -1))
+        size = file_size(path)
+        if path.endswith(".gz") or size == 0:
+            units.append(Unit(len(units), path, 0, -1))
             continue
         start = 0
         while start < size:
-            end = _line_aligned(path, start + shard_bytes)
-            units.append(Unit(len(units), str(path), start, end))
+            end = _line_aligned(path, start + shard_bytes, size)
+            units.append(Unit(len(units), path, start, end))
             start = end
     return units
 
@@ -131,10 +180,20 @@ def _decode(raw: bytes, counts: _Counts) -> str:
     return text
 
 
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[BinaryIO]:
+    """A buffered binary reader of a local file or an object, decompressed for .gz."""
+    with open_reader(path) as raw:
+        if not path.endswith(".gz"):
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+            yield f
+
+
 def _read_range(unit: Unit) -> Iterator[bytes]:
     """The unit's lines (with their newlines), streamed."""
-    opener = gzip.open if unit.path.endswith(".gz") else open
-    with opener(unit.path, "rb") as f:
+    with _open(unit.path) as f:
         f.seek(unit.start)
         remaining = None if unit.end < 0 else unit.end - unit.start
         for line in f:
@@ -145,14 +204,15 @@ def _read_range(unit: Unit) -> Iterator[bytes]:
             yield line
 
 
-def _parquet(path: pathlib.Path | str):
+def _parquet(path: str):
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise DataError(f"{path}: reading .parquet needs pyarrow "
                         "(pip install 'io-first-lm[parquet]')") from e
     try:
-        return pq.ParquetFile(path)
+        # An object through the storage seam: pyarrow would reach for a cloud client of its own.
+        return pq.ParquetFile(storage.path(path).open("rb") if storage.is_remote(path) else path)
     except Exception as e:  # pyarrow raises its own types for a damaged file
         raise DataError(f"{path}: not a readable parquet file ({e})") from e
 
@@ -179,7 +239,7 @@ def iter_documents(unit: Unit, field: str, counts: _Counts) -> Iterator[tuple[st
         return
     if unit.path.endswith(".txt"):
         # A .txt file is one document; it ends in the unit that reaches the end of file.
-        size = os.path.getsize(unit.path)
+        size = file_size(unit.path)
         ends = size > 0 and (unit.end < 0 or unit.end >= size)
         raw = b"".join(_read_range(unit))  # at most about --shard-mb
         counts.raw_bytes += len(raw)
@@ -211,11 +271,10 @@ def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def _save_atomic(path: pathlib.Path, array: np.ndarray) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as f:
-        np.save(f, array)
-    tmp.rename(path)
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def tokenize_unit(unit: Unit, tokenizer_name: str, field: str, out: str) -> dict[str, Any]:
@@ -232,31 +291,39 @@ def tokenize_unit(unit: Unit, tokenizer_name: str, field: str, out: str) -> dict
             length += len(ids)
             if ends:
                 doc_ends.append(length)
-    out_dir = pathlib.Path(out)
+    out_dir = storage.path(out)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
-    _save_atomic(shard_file(out_dir, unit.name, "tokens"), tokens)
-    _save_atomic(shard_file(out_dir, unit.name, "docs"), np.asarray(doc_ends, np.int64))
+    files = {"tokens": _npy_bytes(tokens), "docs": _npy_bytes(np.asarray(doc_ends, np.int64))}
+    for kind, data in files.items():
+        storage.write_atomically(shard_file(out_dir, unit.name, kind), data)
+    # Both checksums of the bytes in hand: nothing just written (or uploaded) is read back.
+    sums = {kind: checksums(data) for kind, data in files.items()}
     record = {
         "name": unit.name, "source": unit.path, "start": unit.start, "end": unit.end,
         "tokens": int(len(tokens)), "documents": counts.documents,
         "raw_bytes": counts.raw_bytes, "skipped_lines": counts.skipped_lines,
         "replaced_bytes": counts.replaced_bytes,
-        "crc32": {kind: file_crc32(shard_file(out_dir, unit.name, kind))
-                  for kind in ("tokens", "docs")},
+        "crc32": {kind: crc32 for kind, (crc32, _) in sums.items()},
+        "crc32c": {kind: crc32c for kind, (_, crc32c) in sums.items()},
     }
-    tmp = out_dir / f"{unit.name}.json.tmp"
-    tmp.write_text(json.dumps(record, sort_keys=True))
-    tmp.rename(out_dir / f"{unit.name}.json")  # the shard's done marker, written last
+    # The shard's done marker, written last.
+    storage.write_atomically(out_dir / f"{unit.name}.json", json.dumps(record, sort_keys=True))
     return record
 
 
-def _done(out: pathlib.Path, unit: Unit) -> dict[str, Any] | None:
-    marker = out / f"{unit.name}.json"
-    if not marker.is_file():
-        return None
-    record = json.loads(marker.read_text())
-    same = (record["source"], record["start"], record["end"]) == (unit.path, unit.start, unit.end)
-    return record if same else None
+def _done(out: storage.Path, units: list[Unit]) -> dict[int, dict[str, Any]]:
+    """The records of the units whose done marker is there and names the same input: one
+    listing of `out`, then only the markers found are read (at once, from a bucket)."""
+    present = storage.files_under(out)
+    finished = [u for u in units if f"{u.name}.json" in present]
+    records = {}
+    for unit, data in zip(finished, read_files([out / f"{u.name}.json" for u in finished]),
+                          strict=True):
+        record = json.loads(data)
+        if (record["source"], record["start"], record["end"]) == (unit.path, unit.start,
+                                                                 unit.end):
+            records[unit.index] = record
+    return records
 
 
 def _one_thread_each() -> None:
@@ -281,24 +348,54 @@ def _progress(units: list[Unit], records: dict[int, Any], raw: int, raw_total: i
             f"ETA {eta:.0f} s")
 
 
-def prepare(sources: list[str], out: str | pathlib.Path, tokenizer: str = "bytes",
+def prepare(sources: list[str], out: str | os.PathLike, tokenizer: str = "bytes",
             field: str = "text", workers: int | None = None, shard_mb: float = 64.0,
             train_tokenizer: int = 0, report=print) -> dict[str, Any]:
-    """Tokenize `sources` into shards under `out` and write its manifest; resumable.
+    """Tokenize `sources` into shards under `out` (a directory or gs:// URL) and write its
+    manifest; resumable.
 
     With `train_tokenizer` = V, first train a byte-level BPE of V tokens on the
     sources (once: a resumed run reuses it) and tokenize with it.
     """
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_dir(out)
     files = find_sources(sources)
     units = plan_units(files, max(1, int(shard_mb * 1e6)))
-    if train_tokenizer:
-        tokenizer = str(_trained_tokenizer(units, field, train_tokenizer, out, report))
-    records: dict[int, dict[str, Any]] = {}
-    for unit in units:
-        if (record := _done(out, unit)) is not None:
-            records[unit.index] = record
+    # Tokenizer files live on local disk for the workers: one from a bucket is copied here.
+    with tempfile.TemporaryDirectory(prefix="io-first-lm-prepare-") as scratch:
+        if train_tokenizer:
+            tokenizer = _trained_tokenizer(units, field, train_tokenizer, out, scratch, report)
+        else:
+            tokenizer = _local_file(tokenizer, scratch)
+        manifest = _tokenize(units, files, tokenizer, field, workers, out, report)
+    _warn_about_input(manifest, report)
+    return manifest
+
+
+def _output_dir(out: str | os.PathLike) -> storage.Path:
+    root = storage.path(out)
+    if not storage.is_remote(root):
+        root.mkdir(parents=True, exist_ok=True)
+    elif not bucket_exists(root):
+        # Checked first, or the first upload would fail in a worker with a bare "not found".
+        bucket = bucket_and_name(root)[0]
+        raise DataError(f"output directory {root}: bucket gs://{bucket} does not exist "
+                        "(create it first, in the region of the TPU VMs)")
+    return root
+
+
+def _local_file(spec: str, scratch: str) -> str:
+    """`spec` itself, or for a gs:// URL a copy in `scratch` under the same file name."""
+    if not storage.is_remote(spec):
+        return spec
+    local = pathlib.Path(scratch, storage.path(spec).name)
+    local.write_bytes(storage.path(spec).read_bytes())
+    return str(local)
+
+
+def _tokenize(units: list[Unit], files: list[str], tokenizer: str, field: str,
+              workers: int | None, out: storage.Path, report) -> dict[str, Any]:
+    """Tokenize the units without a done marker, then write the manifest of all."""
+    records = _done(out, units)
     pending = [u for u in units if u.index not in records]
     report(f"{len(files)} files -> {len(units)} shards ({len(records)} already done)")
     total_raw = sum(_unit_bytes(u) for u in pending)
@@ -315,33 +412,31 @@ def prepare(sources: list[str], out: str | pathlib.Path, tokenizer: str = "bytes
                 last = time.perf_counter()
                 report(_progress(units, records, raw, total_raw, tokens, started))
     manifest = _manifest(get_tokenizer(tokenizer), [records[u.index] for u in units], files)
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    tmp.rename(out / MANIFEST)
-    _warn_about_input(manifest, report)
+    storage.write_atomically(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
 
 def _unit_bytes(unit: Unit) -> int:
     """Bytes of input the unit covers (a parquet unit: its share of the file), for the ETA."""
-    size = os.path.getsize(unit.path)
+    size = file_size(unit.path)
     if unit.path.endswith(".parquet"):
         return size // max(1, _parquet(unit.path).num_row_groups)
     return (unit.end if unit.end >= 0 else size) - unit.start
 
 
-def _trained_tokenizer(units: list[Unit], field: str, vocab_size: int, out: pathlib.Path,
-                       report) -> pathlib.Path:
+def _trained_tokenizer(units: list[Unit], field: str, vocab_size: int, out: storage.Path,
+                       scratch: str, report) -> str:
+    """A local path to the BPE trained on the sources and kept in `out` (trained once)."""
     path = out / TRAINED_TOKENIZER
     if path.is_file():
         report(f"using the tokenizer trained earlier: {path}")
-        return path
+        return _local_file(os.fspath(path), scratch)
     report(f"training a byte-level BPE of {vocab_size} tokens on the sources")
     texts = (text for unit in units for text, _ in iter_documents(unit, field, _Counts()))
-    tmp = out / (TRAINED_TOKENIZER + ".tmp")
-    train_bpe(texts, vocab_size, tmp)
-    tmp.rename(path)
-    return path
+    local = pathlib.Path(scratch, TRAINED_TOKENIZER)
+    train_bpe(texts, vocab_size, local)
+    storage.write_atomically(path, local.read_bytes())
+    return os.fspath(local if storage.is_remote(path) else path)
 
 
 def _index(record: dict[str, Any]) -> int:
@@ -362,7 +457,7 @@ class _Serial:
 
 
 def _manifest(tokenizer: Tokenizer, records: list[dict[str, Any]],
-              files: list[pathlib.Path]) -> dict[str, Any]:
+              files: list[str]) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "tokenizer": tokenizer.identity(),
@@ -376,7 +471,7 @@ def _manifest(tokenizer: Tokenizer, records: list[dict[str, Any]],
 
 def _warn_about_input(manifest: dict[str, Any], report) -> None:
     for source in manifest["sources"]:
-        if os.path.getsize(source) == 0:
+        if file_size(source) == 0:
             report(f"warning: {source} is empty; it adds no document")
     for record in manifest["shards"]:
         if record["replaced_bytes"]:
@@ -392,8 +487,9 @@ def _warn_about_input(manifest: dict[str, Any], report) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m input.prepare", description=__doc__.split(
         "\n")[0])
-    parser.add_argument("sources", nargs="+", help="files, directories or globs")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("sources", nargs="+",
+                        help="files, directories or globs, local or gs://bucket/...")
+    parser.add_argument("--out", required=True, help="output directory or gs://bucket/dir")
     parser.add_argument("--tokenizer", default="bytes",
                         help="'bytes', a tokenizer.json or a SentencePiece .model")
     parser.add_argument("--train-tokenizer", type=int, default=0, metavar="VOCAB_SIZE",
