@@ -6,6 +6,9 @@ import json
 import logging
 import pathlib
 
+import storage
+from storage.paths import read_files
+
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".txt", ".jsonl")
@@ -28,20 +31,36 @@ def load_documents(path: str, jsonl_field: str = "text", key: str = "data.path")
     """
     if not path:
         return default_corpus()
-    root = pathlib.Path(path)
-    if not root.exists():
-        raise DataError(f"{key} {path!r} does not exist")
-    files = [root] if root.is_file() else sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+    files = _files(path, key)
     if not files:
         raise DataError(f"{key} {path!r} holds no {' or '.join(SUFFIXES)} files")
     documents = []
-    for file in files:
-        documents += _read_file(file, jsonl_field)
+    for file, raw in zip(files, read_files(files), strict=True):
+        documents += _read_file(file, raw, jsonl_field)
     documents = [d for d in documents if d]
     if not documents:
         raise DataError(f"{key} {path!r}: every document is empty")
     return documents
+
+
+def _files(path: str, key: str) -> list[pathlib.Path | storage.Path]:
+    """`path` itself if a file, else the .txt/.jsonl files under it (in a bucket: the
+    objects under the prefix, found by one listing)."""
+    if storage.is_remote(path):
+        root = storage.path(path)
+        if root.is_file():
+            return [root]
+        found = storage.files_under(root)
+        if not found:
+            raise DataError(f"{key} {path!r} does not exist (no object and no prefix)")
+        return [root / name for name in sorted(found) if pathlib.PurePosixPath(name).suffix
+                in SUFFIXES]
+    root = pathlib.Path(path)
+    if root.is_file():
+        return [root]
+    if not root.exists():
+        raise DataError(f"{key} {path!r} does not exist")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
 
 
 def decode_utf8(raw: bytes) -> tuple[str, int]:
@@ -62,17 +81,17 @@ def jsonl_document(line: str, field: str, where: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _read_text(file: pathlib.Path) -> str:
-    text, bad = decode_utf8(file.read_bytes())
+def _read_text(file: storage.Path, raw: bytes) -> str:
+    text, bad = decode_utf8(raw)
     if bad:
         log.warning("%s: replaced %d undecodable byte sequence(s) with U+FFFD", file, bad)
     return text
 
 
-def _read_file(file: pathlib.Path, field: str) -> list[str]:
+def _read_file(file: storage.Path, raw: bytes, field: str) -> list[str]:
     if file.suffix not in SUFFIXES:
         raise DataError(f"{file}: unsupported file type (expected {' or '.join(SUFFIXES)})")
-    text = _read_text(file)
+    text = _read_text(file, raw)
     if file.suffix == ".txt":
         return [text]
     documents, missing = [], 0

@@ -13,7 +13,9 @@ which process reads a row, never which rows form a batch.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 from collections.abc import Iterator, Sequence
 
 import grain
@@ -44,6 +46,11 @@ class PackedRows:
         self.seq_len = seq_len
         self.pad_id = pad_id
         self.eos_id = eos_id
+
+    @property
+    def remote(self) -> bool:
+        """Whether a row is a request to a bucket (a round trip) rather than a memory read."""
+        return getattr(self.stream, "remote", False)
 
     def __len__(self) -> int:
         return -(-(len(self.stream) - 1) // self.seq_len)
@@ -200,18 +207,54 @@ def train_dataset(rows: PackedRows | Sequence[tuple[PackedRows, float]], *, seed
     if global_batch % process_count:
         raise ValueError(
             f"train.batch_size ({global_batch}) must divide over {process_count} processes")
-    if isinstance(rows, PackedRows):
-        ds = _epochs(rows, seed)
-    else:
-        parts = [_epochs(part, (seed + i) % 2**32) for i, (part, _) in enumerate(rows)]
-        ds = grain.MapDataset.mix(parts, [weight for _, weight in rows])
-    ds = ds.batch(global_batch // process_count, drop_remainder=True)
+    single = isinstance(rows, PackedRows)
+    parts = [(rows, 1.0)] if single else list(rows)
+    remote = any(part.remote for part, _ in parts)
+    epochs = [_epochs(part, (seed + i) % 2**32, remote) for i, (part, _) in enumerate(parts)]
+    ds = epochs[0] if single else grain.MapDataset.mix(epochs, [weight for _, weight in parts])
+    ds = ds.batch(global_batch // process_count, drop_remainder=True,
+                  batch_fn=_stack_fetched if remote else None)
     return ds[process_index::process_count]
 
 
-def _epochs(rows: PackedRows, seed: int) -> grain.MapDataset:
-    """Endless epochs of the rows, each in its own shuffled order."""
-    return grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
+def _epochs(rows: PackedRows, seed: int, ahead: bool) -> grain.MapDataset:
+    """Endless epochs of the rows, each in its own shuffled order; with `ahead`, each row is
+    a future of it (see `FetchedAhead`)."""
+    source = FetchedAhead(rows) if ahead else rows
+    return grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+
+
+ROWS_IN_FLIGHT = 64
+"""Row reads a process keeps in flight from a bucket (each a ranged request)."""
+_pools: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    # One per process: a Grain worker process starts its own rather than inherit threads.
+    if os.getpid() not in _pools:
+        _pools[os.getpid()] = concurrent.futures.ThreadPoolExecutor(
+            ROWS_IN_FLIGHT, thread_name_prefix="row-reads")
+    return _pools[os.getpid()]
+
+
+class FetchedAhead:
+    """Rows whose reading starts when they are asked for: `rows[i]` is a future. A row read
+    from a bucket is a round trip of its own (past the block cache), so the rows of a batch
+    are requested together rather than one after another; `_stack_fetched` waits for them."""
+
+    def __init__(self, rows: PackedRows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> concurrent.futures.Future:
+        return _pool().submit(self.rows.__getitem__, index)
+
+
+def _stack_fetched(rows: Sequence[concurrent.futures.Future]) -> Batch:
+    fetched = [row.result() for row in rows]
+    return {name: np.stack([row[name] for row in fetched]) for name in fetched[0]}
 
 
 def train_iterator(ds: grain.MapDataset, cfg: DataConfig,

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+import storage
 from input.corpus import DataError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
@@ -62,9 +63,12 @@ class ByteTokenizer:
                 "sha256": hashlib.sha256(spec).hexdigest()}
 
 
-def _file_identity(kind: str, path: pathlib.Path, vocab_size: int) -> dict[str, Any]:
+def _file_identity(kind: str, path: pathlib.Path, vocab_size: int,
+                   data: bytes) -> dict[str, Any]:
+    """Kind, file name, size and content hash: the same for a file on disk and its copy in a
+    bucket, so a dataset prepared from one checks against a run configured with the other."""
     return {"name": f"{kind}:{path.name}", "vocab_size": vocab_size,
-            "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+            "sha256": hashlib.sha256(data).hexdigest()}
 
 
 class HuggingFaceTokenizer:
@@ -73,8 +77,9 @@ class HuggingFaceTokenizer:
     def __init__(self, path: str | pathlib.Path):
         from tokenizers import Tokenizer as RustTokenizer
 
-        self.path = pathlib.Path(path)
-        self._tokenizer = RustTokenizer.from_file(str(self.path))
+        self.path = storage.path(path)
+        self._data = self.path.read_bytes()  # a bucket's object read once, as a file is
+        self._tokenizer = RustTokenizer.from_str(self._data.decode("utf-8"))
         self.name = f"hf:{self.path.name}"
         self.vocab_size = self._tokenizer.get_vocab_size()
         self.eos_id = _first_id(self._tokenizer.token_to_id, EOS_CANDIDATES, self.path, "end")
@@ -92,7 +97,7 @@ class HuggingFaceTokenizer:
         return self._tokenizer.decode([int(i) for i in ids])
 
     def identity(self) -> dict[str, Any]:
-        return _file_identity("hf", self.path, self.vocab_size)
+        return _file_identity("hf", self.path, self.vocab_size, self._data)
 
 
 class SentencePieceTokenizer:
@@ -101,8 +106,9 @@ class SentencePieceTokenizer:
     def __init__(self, path: str | pathlib.Path):
         import sentencepiece
 
-        self.path = pathlib.Path(path)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+        self.path = storage.path(path)
+        self._data = self.path.read_bytes()
+        self._sp = sentencepiece.SentencePieceProcessor(model_proto=self._data)
         self.name = f"sentencepiece:{self.path.name}"
         self.vocab_size = self._sp.get_piece_size()
         self.eos_id = self._sp.eos_id()
@@ -120,7 +126,7 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids])
 
     def identity(self) -> dict[str, Any]:
-        return _file_identity("sentencepiece", self.path, self.vocab_size)
+        return _file_identity("sentencepiece", self.path, self.vocab_size, self._data)
 
 
 def _first_id(lookup, candidates: tuple[str, ...], path: pathlib.Path, what: str) -> int:
@@ -135,7 +141,7 @@ def get_tokenizer(spec: str = "bytes") -> Tokenizer:
     """"bytes", a path to a Hugging Face tokenizer.json, or a SentencePiece .model."""
     if spec == "bytes":
         return ByteTokenizer()
-    path = pathlib.Path(spec)
+    path = storage.path(spec)
     if not path.is_file():
         raise DataError(f"data.tokenizer {spec!r}: neither 'bytes' nor an existing file")
     if path.suffix == ".json":
