@@ -32,6 +32,25 @@ from configs.schema import CheckpointConfig
 T = TypeVar("T")
 
 
+def _bound_tensorstore_retries() -> None:
+    """TensorStore (Orbax's array writer) tries a Cloud Storage request 32 times by default,
+    its backoff growing to 32 s: a dead bucket would hold a save for about a quarter of an
+    hour. Its tries and backoff are made those of the other clients (`storage.gcs_tries`,
+    ~31 s by default). Orbax builds every TensorStore context from these two templates."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    retries = {"max_retries": storage.paths.gcs_tries(), "initial_delay": "1s",
+               "max_delay": "16s"}
+    # Private names (orbax-checkpoint 0.12): tests/test_storage.py fails if they go away.
+    for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
+        template = getattr(tensorstore_utils, name, None)
+        if isinstance(template, dict):
+            template["gcs_request_retries"] = retries
+
+
+_bound_tensorstore_retries()
+
+
 @dataclasses.dataclass(frozen=True)
 class Restored:
     step: int
@@ -79,6 +98,11 @@ class Checkpointer:
         }
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_handlers=handlers)
+        # The newest step known complete, for the error of a failed save in a bucket: the
+        # listing that would say may fail for the reason the save did (the bucket is down).
+        # Orbax lists the steps when it starts, then counts each step it begins to save, so
+        # only its first answer is taken; the steps reported committed follow.
+        self._latest_known: int | None = self._manager.latest_step()
         aftermath.watch(self.directory)  # a failed write is reported once, by `_write_errors`
 
     def latest_step(self) -> int | None:
@@ -143,10 +167,15 @@ class Checkpointer:
         # Each look at a bucket is a request: look there twice a second, not 200 times.
         final, interval = ((step_dir / reader.COMMITTED, 0.5) if storage.is_remote(step_dir)
                            else (step_dir / integrity.MANIFEST, 0.005))
-        while not final.exists():
-            if self._closed:
-                return
-            time.sleep(interval)
+        try:
+            while not final.exists():
+                if self._closed:
+                    return
+                time.sleep(interval)
+        except Exception:  # the bucket unreachable: the save's own error says so, once
+            return
+        with self._lock:
+            self._latest_known = max(in_flight.step, self._latest_known or -1)
         elapsed = time.perf_counter() - in_flight.started
         self.report(f"checkpoint step {in_flight.step}: committed {elapsed:.2f} s after the "
                     f"save started ({size / 1e6:.1f} MB)")
@@ -228,10 +257,13 @@ class Checkpointer:
             raise CheckpointError(self._describe_failure(step, e)) from e
 
     def _describe_failure(self, step: int, error: Exception) -> str:
-        try:
-            latest = self._manager.latest_step()
-        except Exception:  # the listing may fail for the same reason the write did
-            latest = None
+        if storage.is_remote(self.directory):
+            latest = self._latest_known  # no listing of a bucket that may be down
+        else:
+            try:
+                latest = self._manager.latest_step()
+            except Exception:  # the listing may fail for the same reason the write did
+                latest = None
         remains = (f"the latest complete checkpoint is step {latest}" if latest is not None
                    else "no checkpoint of this run is complete")
         return (f"checkpoint step {step} could not be written to {self.directory}: "

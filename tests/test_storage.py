@@ -55,3 +55,15 @@ def test_appends_reach_the_file_in_order_and_close_flushes(place):
     assert target.read_bytes() == b"one\ntwo\nthree\nfour\n"
     again.close()
     assert [p.name for p in target.parent.iterdir()] == ["log.jsonl"]  # no parts left
+
+
+def test_every_client_gives_up_on_a_dead_bucket_after_the_same_tries():
+    """TensorStore's own default (32 tries, backoff to 32 s) would hold a failed save for a
+    quarter of an hour; Orbax's contexts get the tries gcsfs has."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    import checkpoint.manager  # noqa: F401 (bounds TensorStore's tries when imported)
+
+    for use_ocdbt in (True, False):
+        spec = tensorstore_utils.get_ts_context(use_ocdbt=use_ocdbt).spec.to_json()
+        assert spec["gcs_request_retries"]["max_retries"] == storage.paths.gcs_tries()

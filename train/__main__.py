@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from train import process
@@ -33,10 +34,27 @@ def main(argv: list[str] | None = None) -> int:
         distributed.initialize(config.distributed)  # before anything starts a JAX backend
         run(config)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}{_expiry(e)}", file=sys.stderr)
         return 2
     return 0
 
 
+def _expiry(error: Exception) -> str:
+    """When a run dir in a bucket is refused: when its lock expires if nobody renews it."""
+    left = getattr(error, "lease_left_s", None)
+    if left is None:
+        return ""
+    return (f"; its lock expires in {max(left, 0):.1f} s unless its holder renews it (a "
+            "killed run's lock is taken over then)")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:
+        # A failed run may leave library threads behind (Orbax's, waiting up to minutes for
+        # a save that a dead bucket will never finish): what the user needs is printed and
+        # every `with` block has closed, so nothing is left to wait for.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -35,7 +35,7 @@ from train.compile.step import compile_train_step
 from train.evaluation import Evaluator
 from train.feed import DataPosition, DeviceFeed
 from train.optimizer import make_optimizer
-from train.process import collector, run_lock
+from train.process import collector, run_lock, storage_logs
 from train.process.preemption import Preemption
 from train.state import TrainState
 
@@ -79,6 +79,7 @@ def run(config: Config, devices: list[jax.Device] | None = None) -> RunResult:
     debris (`checkpoint.aftermath`).
     """
     aftermath.install()
+    storage_logs.install()
     with collector.StartUp() as startup, \
             run_lock.held(config.run_dir, jax.process_index(), report=say):
         return _run(config, devices, startup)
@@ -235,6 +236,22 @@ def _restore_or_init(config: Config, ckpt: checkpoint.Checkpointer, tx: Any,
     return init(), DataPosition()
 
 
+@contextlib.contextmanager
+def _closed_after(log: MetricsLog) -> Iterator[MetricsLog]:
+    """`log`, closed after the block. When the block failed (a save to a bucket that went
+    down), a log that cannot be flushed either is a warning, not an error hiding the first."""
+    try:
+        yield log
+    except BaseException:
+        try:
+            log.close()
+        except Exception as e:
+            cause = " ".join(str(e).split())[:300]
+            say(f"warning: the metrics log could not be written ({cause})")
+        raise
+    log.close()
+
+
 def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: StepFn | None, state: TrainState,
            position: DataPosition, batches: Iterator[dict[str, Any]],
            ckpt: checkpoint.Checkpointer, clock: Goodput, evaluator: Evaluator) -> RunResult:
@@ -253,7 +270,8 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: StepFn | None, stat
                       depth=config.data.device_prefetch, start=position)
     profiler = StepProfiler(config.profile, config.run_dir, start, end, report=say)
     bar = _console.bar(start, end, show=jax.process_index() == 0)
-    with Preemption() as preemption, feed, log, profiler, bar as progress_bar:
+    with Preemption() as preemption, feed, _closed_after(log), profiler, \
+            bar as progress_bar:
         logger = actions.Logger(config, mesh, meter, log, _console, say)
         evaluating = actions.Evaluating(config, evaluator, clock, log, _console)
         after_step = [logger, actions.Saver(config, ckpt, preemption, clock, meter), evaluating]

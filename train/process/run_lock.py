@@ -37,7 +37,12 @@ LEASE_SECONDS = 60.0
 
 
 class RunDirInUseError(RuntimeError):
-    """Another process trains in the same run directory."""
+    """Another process trains in the same run directory. In a bucket, `lease_left_s` says how
+    long until its lock expires if its holder stops renewing it (a killed run's lock)."""
+
+    def __init__(self, message: str, lease_left_s: float | None = None):
+        super().__init__(message)
+        self.lease_left_s = lease_left_s
 
 
 @contextlib.contextmanager
@@ -74,11 +79,11 @@ def _holder() -> str:
     return f"pid {os.getpid()} on {socket.gethostname()} since {now}"
 
 
-def _in_use(path: object, holder: str) -> RunDirInUseError:
+def _in_use(path: object, holder: str, lease_left_s: float | None = None) -> RunDirInUseError:
     run_dir = os.fspath(path).rsplit("/", 1)[0]
     return RunDirInUseError(
         f"run_dir {run_dir} is in use by another training process ({holder}; lock {path}); "
-        "stop it first, or choose another run_dir")
+        "stop it first, or choose another run_dir", lease_left_s)
 
 
 def _lease_seconds() -> float:
@@ -191,7 +196,7 @@ class _Lease:
             lease = holder_lease or self.lease
             age = (datetime.datetime.now(datetime.UTC) - updated).total_seconds()
             if age <= lease:
-                raise _in_use(self.path, holder)
+                raise _in_use(self.path, holder, lease - age)
             self.report(f"warning: taking over the lock of a run that stopped renewing it "
                         f"({holder}); lock {self.path} last renewed {age:.0f} s ago, lease "
                         f"{lease:g} s")
