@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import pathlib
 import sys
 
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import configs
 import input as data_input
 import model
 import sharding
+import storage
 from checkpoint import aftermath
 from generate.loading import load
 from generate.quantize import dequantize, nbytes, quantize_int8
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 def _read_prompts(path: str | None) -> list[str]:
     if path is None:
         return []
-    return [line for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+    return [line for line in storage.path(path).read_text().splitlines() if line.strip()]
 
 
 if __name__ == "__main__":

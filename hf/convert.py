@@ -3,11 +3,12 @@
     python -m hf.convert --from-hf HF_DIR --out RUN_DIR [key=value ...]
     python -m hf.convert --to-hf RUN_DIR --out HF_DIR [--step N]
 
-`--from-hf` reads a local model directory (config.json and *.safetensors, sharded or
-not) and writes step 0 of a run: the parameters, a fresh optimizer state and the
-matching config, so `python -m train --config RUN_DIR/config.json` fine-tunes from it
-and `python -m generate RUN_DIR` samples from it. `--to-hf` writes config.json and
-model.safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+`--from-hf` reads a model directory (config.json and *.safetensors, sharded or not; on
+disk or in a gs:// bucket, which is copied down first) and writes step 0 of a run: the
+parameters, a fresh optimizer state and the matching config, so `python -m train
+--config RUN_DIR/config.json` fine-tunes from it and `python -m generate RUN_DIR` samples
+from it. `--to-hf` writes config.json and model.safetensors (to disk or a bucket) that
+`transformers.AutoModelForCausalLM.from_pretrained` loads.
 Weights are float32 both ways, so to-hf then from-hf gives back identical bits.
 """
 
@@ -15,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
-import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ from safetensors.numpy import save_file
 import configs
 import input as data_input
 import model
+import storage
 from checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -77,7 +79,7 @@ def read_hf_tensors(hf_dir: pathlib.Path, family: str, tied: bool) -> dict[str, 
     return loaders
 
 
-def _shard_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
+def _shard_files(hf_dir: storage.Path | pathlib.Path) -> list[storage.Path | pathlib.Path]:
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -116,26 +118,28 @@ def _is_buffer(name: str) -> bool:
 def from_hf(hf_dir: str | pathlib.Path, run_dir: str | pathlib.Path,
             overrides: list[str] = ()) -> Config:
     """Write step 0 of a run in `run_dir` from a Hugging Face model directory; its config."""
-    hf_dir, run_dir = pathlib.Path(hf_dir), pathlib.Path(run_dir)
+    hf_dir, run_dir = storage.path(hf_dir), storage.path(run_dir)
     directory = checkpoint_dir(run_dir)
     if directory.is_dir() and any(directory.iterdir()):
         raise ConversionError(f"{directory} already holds checkpoints; choose a new --out")
     cfg = model_config_from_hf(_read_json(hf_dir / "config.json"))
-    tokenizer = _usable_tokenizer(hf_dir)
-    # Its own copy, by absolute path: the run works from any directory, and alone.
-    spec = str((run_dir / "tokenizer.json").absolute()) if tokenizer else "bytes"
-    config = _run_config(cfg, run_dir, spec, overrides)
-    params = params_from_hf(read_hf_tensors(hf_dir, cfg.family, cfg.tie_embeddings), cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if tokenizer:
-        shutil.copyfile(tokenizer, spec)
+    with storage.local_copy(hf_dir, suffixes=(".json", ".safetensors")) as local_hf:
+        tokenizer = _usable_tokenizer(local_hf, hf_dir)
+        # Its own copy, by absolute path: the run works from any directory, and alone.
+        spec = os.fspath(run_dir / "tokenizer.json") if tokenizer else "bytes"
+        config = _run_config(cfg, run_dir, spec, overrides)
+        _shard_files(hf_dir)  # where the user has it, so that an error names that
+        params = params_from_hf(read_hf_tensors(local_hf, cfg.family, cfg.tie_embeddings), cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if tokenizer:
+            storage.path(spec).write_bytes(tokenizer.read_bytes())
     _save_step_zero(config, params)
     (run_dir / "config.json").write_text(configs.to_json(config) + "\n")
     return config
 
 
 def to_hf(run_dir: str | pathlib.Path, hf_dir: str | pathlib.Path,
-          step: int | None = None) -> pathlib.Path:
+          step: int | None = None) -> storage.Path:
     """Write config.json and model.safetensors of a run's step (default: the latest)."""
     directory = checkpoint_dir(run_dir)
     step = latest_complete_step(directory, step)
@@ -149,28 +153,28 @@ def to_hf(run_dir: str | pathlib.Path, hf_dir: str | pathlib.Path,
     params = jax.tree.map(np.asarray, restore_params(directory, step, target))
     if cfg.scan_layers:
         params = jax.tree.map(np.asarray, model.unstack_layers(params))
-    hf_dir = pathlib.Path(hf_dir)
-    hf_dir.mkdir(parents=True, exist_ok=True)
-    save_file(params_to_hf(params, cfg), str(hf_dir / "model.safetensors"),
-              metadata={"format": "pt"})  # transformers refuses files without a format
-    (hf_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    if tokenizer_file is not None:
-        shutil.copyfile(tokenizer_file, hf_dir / "tokenizer.json")
-    return hf_dir
+    with storage.written_to(hf_dir) as local_out:
+        save_file(params_to_hf(params, cfg), str(local_out / "model.safetensors"),
+                  metadata={"format": "pt"})  # transformers refuses files without a format
+        (local_out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if tokenizer_file is not None:
+            (local_out / "tokenizer.json").write_bytes(tokenizer_file.read_bytes())
+    return storage.path(hf_dir)
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
+def _read_json(path: storage.Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConversionError(f"{path} does not exist: not a Hugging Face model directory")
     return json.loads(path.read_text())
 
 
-def _usable_tokenizer(hf_dir: pathlib.Path) -> pathlib.Path | None:
+def _usable_tokenizer(hf_dir: pathlib.Path, shown: storage.Path) -> pathlib.Path | None:
     """The directory's tokenizer.json if our tokenizer loader accepts it (it needs an
-    end-of-text token), else None: the run then keeps the byte tokenizer."""
+    end-of-text token), else None: the run then keeps the byte tokenizer. `hf_dir` is on
+    local disk, `shown` where the user has it."""
     path = hf_dir / "tokenizer.json"
     if not path.is_file():
-        print(f"note: {hf_dir} has no tokenizer.json; data.tokenizer stays 'bytes'")
+        print(f"note: {shown} has no tokenizer.json; data.tokenizer stays 'bytes'")
         return None
     try:
         data_input.get_tokenizer(str(path))
@@ -180,7 +184,7 @@ def _usable_tokenizer(hf_dir: pathlib.Path) -> pathlib.Path | None:
     return path
 
 
-def _run_config(cfg: ModelConfig, run_dir: pathlib.Path, tokenizer: str,
+def _run_config(cfg: ModelConfig, run_dir: storage.Path, tokenizer: str,
                 overrides: list[str]) -> Config:
     # Rows no longer than the learned position table; 128 tokens otherwise, as by default.
     data = DataConfig(tokenizer=tokenizer, seq_len=min(DataConfig.seq_len, cfg.max_positions))
@@ -215,14 +219,14 @@ def _save_step_zero(config: Config, params: Params) -> None:
         ckpt.close()
 
 
-def _tokenizer_of(data: DataConfig) -> tuple[int | None, pathlib.Path | None]:
+def _tokenizer_of(data: DataConfig) -> tuple[int | None, storage.Path | None]:
     """End-of-text id of the run's tokenizer, and its tokenizer.json if it has one."""
     try:
         tokenizer = data_input.get_tokenizer(data.tokenizer)
     except (data_input.DataError, OSError) as e:
         print(f"note: tokenizer not loaded ({e}); config.json gets no eos_token_id")
         return None, None
-    path = pathlib.Path(data.tokenizer)
+    path = storage.path(data.tokenizer)
     return tokenizer.eos_id, path if path.suffix == ".json" else None
 
 
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--from-hf", metavar="HF_DIR", help="a local Hugging Face model directory")
+    source.add_argument("--from-hf", metavar="HF_DIR", help="a Hugging Face model directory")
     source.add_argument("--to-hf", metavar="RUN_DIR", help="one of our runs")
     parser.add_argument("--out", required=True, help="RUN_DIR (from-hf) or HF_DIR (to-hf)")
     parser.add_argument("--step", type=int, help="to-hf: checkpoint step (default: the latest)")
@@ -256,7 +260,7 @@ def _convert(args: argparse.Namespace) -> str:
     if args.step is not None:
         raise ConversionError("--step is for --to-hf")
     m = from_hf(args.from_hf, args.out, args.overrides).model
-    out = pathlib.Path(args.out)
+    out = storage.path(args.out)
     return (f"wrote step 0 of {m.family} ({m.num_layers} layers, {m.embed_dim} wide, vocab "
             f"{m.vocab_size}) to {out}; fine-tune with `python -m train --config "
             f"{out / 'config.json'}`, sample with `python -m generate {out} --prompt ...`")

@@ -11,6 +11,7 @@ import pytest
 
 import configs
 import model
+import storage
 from generate import load
 from generate.__main__ import main as generate_main
 from hf.convert import from_hf, main
@@ -238,3 +239,34 @@ def test_converted_run_samples_and_fine_tunes_with_its_tokenizer(tmp_path, capsy
     result = run(config)
     assert "resumed from checkpoint step 0" in capsys.readouterr().out
     assert result.final_step == 2 and np.isfinite(result.losses[2])
+
+
+def test_convert_reads_and_writes_buckets_exactly(bucket, tmp_path, capsys):
+    """--from-hf gs:// (a sharded upload) to a run in the bucket, and --to-hf back into the
+    bucket: transformers loads the very same weights."""
+    torch, transformers = _require_hf()
+    hf_model = _hf_model("llama", tied=False)
+    remote_hf = storage.path(f"{bucket}/hf")
+    local_hf = _save(hf_model, tmp_path / "hf", shard="60KB")
+    train_bpe(iter(["The quick brown fox jumps over the lazy dog. " * 8] * 3), VOCAB,
+              local_hf / "tokenizer.json")
+    for file in local_hf.iterdir():
+        (remote_hf / file.name).write_bytes(file.read_bytes())
+    assert main(["--from-hf", f"{bucket}/missing", "--out", f"{bucket}/nothing"]) == 2
+    assert f"{bucket}/missing/config.json does not exist" in capsys.readouterr().err
+
+    assert main(["--from-hf", str(remote_hf), "--out", f"{bucket}/run"]) == 0
+    saved = json.loads(storage.path(f"{bucket}/run/config.json").read_text())
+    assert saved["run_dir"] == f"{bucket}/run"
+    assert saved["data"]["tokenizer"] == f"{bucket}/run/tokenizer.json"  # its own copy
+    assert main(["--to-hf", f"{bucket}/run", "--out", f"{bucket}/back"]) == 0
+    assert sorted(storage.files_under(f"{bucket}/back")) == [
+        "config.json", "model.safetensors", "tokenizer.json"]
+    assert storage.path(f"{bucket}/back/tokenizer.json").read_bytes() == (
+        local_hf / "tokenizer.json").read_bytes()
+    with storage.local_copy(f"{bucket}/back") as back_dir:
+        back = transformers.AutoModelForCausalLM.from_pretrained(back_dir).eval()
+    original, written = hf_model.state_dict(), back.state_dict()
+    assert set(original) == set(written)
+    for name, tensor in original.items():
+        assert torch.equal(tensor, written[name]), name

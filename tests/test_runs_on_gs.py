@@ -1,6 +1,7 @@
 """A run whose run directory is a gs:// URL, on the local GCS-protocol server."""
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ import storage
 from checkpoint import checkpoint_dir, complete_steps
 from checkpoint.inspect import main as inspect_main
 from conftest import SAVED_RUN, TINY_OVERRIDES, tiny_config
+from generate.__main__ import main as generate_main
 from generate.loading import load
 from observe import metrics_log, report, tensorboard_log
 from train import run
@@ -64,3 +66,31 @@ def test_a_run_in_a_bucket_stops_resumes_and_ends_as_the_same_run_on_disk(
               if line.strip()[:1].isdigit()]
     assert [(row[0], row[3], row[4]) for row in listed] == [
         ("2", "complete", "ok"), ("4", "complete", "ok"), ("6", "complete", "ok")]
+
+    # The command-line tools take the bucket's paths as they take local ones.
+    assert report.main([run_dir, "--out", f"{bucket}/plots/loss.png"]) == 0
+    assert storage.path(f"{bucket}/plots/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    storage.path(f"{bucket}/prompts.txt").write_text("The cat\n\nA dog\n")
+    capsys.readouterr()
+    assert generate_main([run_dir, "--prompt-file", f"{bucket}/prompts.txt",
+                          "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "--- 'The cat'" in out and "--- 'A dog'" in out
+
+
+def test_a_run_copied_from_disk_into_a_bucket_resumes_there(bucket, saved_run):
+    """A laptop's run uploaded as it is (`gcloud storage cp -r`) goes on in the bucket: its
+    steps' CRC32s are checked by reading, the new steps get the bucket's CRC32Cs."""
+    remote = storage.path(f"{bucket}/run")
+    for file in sorted(pathlib.Path(saved_run).rglob("*")):
+        if file.is_file() and not file.name.endswith(".lock"):
+            (remote / file.relative_to(saved_run).as_posix()).write_bytes(file.read_bytes())
+    resumed = run(tiny_config(*SAVED_RUN, f"run_dir={remote}"))
+    assert resumed.start_step == 4 and resumed.final_step == 6
+    local = run(tiny_config(*SAVED_RUN, f"run_dir={saved_run}"))
+    for a, b in zip(jax.tree.leaves(local.state), jax.tree.leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    manifests = {step: json.loads((checkpoint_dir(remote) / str(step) / "checksums.json")
+                                  .read_text()) for step in (4, 6)}
+    assert all(set(entry) == {"size", "crc32"} for entry in manifests[4].values())  # disk's
+    assert all(set(entry) == {"size", "crc32c"} for entry in manifests[6].values())
