@@ -12,11 +12,19 @@ State: parameters + Adam moments of a ~92M-parameter Llama-shape model
    (the ceiling of this on-disk format) vs raw read
 5. restart to first step after restore: cold vs warm cache (the saved step) vs XLA's
    compilation cache alone (traced and lowered again)
+
+    python benchmarks/checkpoint.py --storage gs [--repeats 3]
+
+The same state saved to and restored from a bucket on a GCS-protocol server that the
+benchmark starts on 127.0.0.1 (fake-gcs-server, objects on the local disk under --dir):
+loop blocking in the bucket vs on local disk, time until committed vs plain Orbax to the
+same bucket, restore vs plain Orbax and vs TensorStore alone from the same bucket.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -33,6 +41,37 @@ from typing import Any
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+BUCKET = "ckpt-bench"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default="/tmp/ckpt-bench")
+    parser.add_argument("--train-steps", type=int, default=36)
+    parser.add_argument("--only", default="12345", help="which figures to measure, e.g. 14")
+    parser.add_argument("--storage", choices=["local", "gs"], default="local",
+                        help="gs: figures 1, 3 and 4 in a bucket of a local GCS-protocol server")
+    return parser.parse_args()
+
+
+def start_gcs_server(root: pathlib.Path) -> None:
+    """fake-gcs-server (the `test` extra) on 127.0.0.1, with the bucket BUCKET; set up before
+    `storage` is imported, which points every client at it."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from gcs_server import GCSServer
+
+    root.mkdir(parents=True, exist_ok=True)
+    server = GCSServer(root).start()
+    atexit.register(server.stop)
+    os.environ["STORAGE_EMULATOR_HOST"] = server.url
+    server.create_bucket(BUCKET)
+
+
+ARGS = parse_args()
+if ARGS.storage == "gs":
+    start_gcs_server(pathlib.Path(ARGS.dir) / "gcs-server")
+
 from train import process  # noqa: E402
 
 with process.started() as KEPT:  # as `python -m train` sets up its process
@@ -42,6 +81,7 @@ with process.started() as KEPT:  # as `python -m train` sets up its process
     import tensorstore as ts
 
     import configs
+    import storage
     from checkpoint import Checkpointer
     from observe import metrics_log
     from sharding import make_mesh, shardings_of
@@ -120,6 +160,10 @@ def memory_copy_seconds(state) -> float:
 
 
 def fresh(path: pathlib.Path) -> pathlib.Path:
+    if storage.is_remote(path):
+        if storage.path(path).exists():
+            storage.path(path).rmtree()
+        return storage.path(path)
     shutil.rmtree(path, ignore_errors=True)
     return path
 
@@ -196,7 +240,8 @@ def orbax_restore(path, target) -> float:
 def tensorstore_restore(path, target) -> float:
     """The same arrays read into the same shardings with TensorStore alone (no Orbax, no
     checksums, Orbax's layout read directly): what any reader of this format can do here."""
-    base = (path / "1" / "state").resolve().as_uri() + "/"
+    state = storage.path(path) / "1" / "state"
+    base = (os.fspath(state) if storage.is_remote(state) else pathlib.Path(state).as_uri()) + "/"
     context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
     arrays = [(".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
                         for k in keys), leaf)
@@ -402,15 +447,53 @@ def measure_save_and_restore(config, state, target, work: pathlib.Path, repeats:
           + ", ".join(f"{gb / t:.2f}" for t in rounds["same"]) + " GB/s")
 
 
+def in_bucket(config, work: pathlib.Path, repeats: int) -> None:
+    """Figures 1, 3 and 4 for a bucket, each next to its local-disk or plain-Orbax twin."""
+    with StartUp() as startup:
+        state, target = build(config)
+        startup.done()
+        measure_in_bucket(config, state, target, work, repeats)
+
+
+def measure_in_bucket(config, state, target, work: pathlib.Path, repeats: int) -> None:
+    gb = state_bytes(state) / 1e9
+    bucket = f"gs://{BUCKET}"
+    print(f"state: {gb:.2f} GB on {jax.device_count()} devices (fsdp=8); bucket on "
+          f"fake-gcs-server at {os.environ['STORAGE_EMULATOR_HOST']}; medians of {repeats}")
+    saves = in_turns({
+        "ours local": lambda: ours_save(state, config, work / "ours"),
+        "ours gs": lambda: ours_save(state, config, f"{bucket}/ours"),
+        "orbax gs": lambda: orbax_save(state, f"{bucket}/orbax", True)}, repeats)
+    blocked = {name: statistics.median(b for b, _ in runs) for name, runs in saves.items()}
+    total = {name: statistics.median(t for _, t in runs) for name, runs in saves.items()}
+    print("\n1. loop blocking per async save")
+    print(f"   ours in the bucket {blocked['ours gs']:.3f} s | ours on local disk "
+          f"{blocked['ours local']:.3f} s | plain Orbax async in the bucket "
+          f"{blocked['orbax gs']:.3f} s | bucket / local = "
+          f"{blocked['ours gs'] / blocked['ours local']:.2f}x (target <= 1.2x)")
+    print("\n3. save until committed")
+    print(f"   ours {gb / total['ours gs']:.2f} GB/s ({total['ours gs']:.1f} s) | plain Orbax "
+          f"{gb / total['orbax gs']:.2f} GB/s | ours / Orbax = "
+          f"{total['orbax gs'] / total['ours gs']:.2f} (target >= 0.9) | ours on local disk "
+          f"{gb / total['ours local']:.2f} GB/s")
+    reads = medians(in_turns({
+        "ours": lambda: ours_restore(config, f"{bucket}/ours", target),
+        "orbax": lambda: orbax_restore(f"{bucket}/orbax", target),
+        "tensorstore": lambda: tensorstore_restore(f"{bucket}/ours", target)}, repeats))
+    print("\n4. restore from the bucket (same mesh)")
+    print(f"   ours {gb / reads['ours']:.2f} GB/s | plain Orbax {gb / reads['orbax']:.2f} GB/s | "
+          f"TensorStore alone {gb / reads['tensorstore']:.2f} GB/s | ours / Orbax = "
+          f"{reads['orbax'] / reads['ours']:.2f} (target >= 0.9)")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dir", default="/tmp/ckpt-bench")
-    parser.add_argument("--train-steps", type=int, default=36)
-    parser.add_argument("--only", default="12345", help="which figures to measure, e.g. 14")
-    args = parser.parse_args()
+    args = ARGS
     print(f"host memory kept between steps: {KEPT}")
     work = pathlib.Path(args.dir)
+    if args.storage == "gs":
+        in_bucket(configs.load(None, [*BIG_MODEL, "mesh.data=1", "mesh.fsdp=8"]), work,
+                  args.repeats)
+        return
     if set(args.only) & set("134"):
         config = configs.load(None, [*BIG_MODEL, "mesh.data=1", "mesh.fsdp=8"])
         save_and_restore(config, work, args.repeats)
