@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import io
 import os
 import pathlib
@@ -63,6 +64,20 @@ def bucket_and_name(url: str | os.PathLike) -> tuple[str, str]:
 def gcs() -> fsspec.AbstractFileSystem:
     """gcsfs, the same instance `epath` uses for gs:// paths."""
     return fsspec.filesystem("gcs", finalize_on_close=True)
+
+
+@functools.cache
+def gcs_client():
+    """A google-cloud-storage client, for what gcsfs lacks (conditional creates): application
+    default credentials on Cloud Storage; no credentials and no project with
+    STORAGE_EMULATOR_HOST set (a local GCS-protocol server)."""
+    from google.cloud import storage as gcs_client
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return gcs_client.Client(project="<none>", credentials=AnonymousCredentials())
+    return gcs_client.Client()
 
 
 def files_under(directory: str | os.PathLike) -> dict[str, int]:

@@ -38,13 +38,14 @@ def _jsonl(docs):
 
 
 def _prepared(tmp_path, bucket, name, docs, tokenizer="bytes"):
-    """A dataset prepared on disk in small shards, and its copy in the bucket: (path, url)."""
+    """A dataset prepared in small shards onto disk and straight into the bucket (`--out
+    gs://...`): (path, url)."""
     src = tmp_path / f"{name}.jsonl"
     src.write_text(_jsonl(docs))
-    local = tmp_path / name
-    prepare([str(src)], local, tokenizer=tokenizer, shard_mb=0.0005, workers=1, report=_quiet)
-    _upload(local, f"{bucket}/{name}")
-    return str(local), f"{bucket}/{name}"
+    local, url = tmp_path / name, f"{bucket}/{name}"
+    for out in (local, url):
+        prepare([str(src)], out, tokenizer=tokenizer, shard_mb=0.0005, workers=1, report=_quiet)
+    return str(local), url
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
-import functools
 import os
 import pathlib
 import socket
@@ -90,20 +89,6 @@ def _lease_seconds() -> float:
     return float(os.environ.get("IO_FIRST_LM_LOCK_LEASE_S", LEASE_SECONDS))
 
 
-@functools.cache
-def _client():
-    """A google-cloud-storage client: application default credentials on Cloud Storage; no
-    credentials and no project with STORAGE_EMULATOR_HOST set (a local GCS-protocol server,
-    which `storage` points every client at)."""
-    from google.cloud import storage as gcs_client
-
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials
-
-        return gcs_client.Client(project="<none>", credentials=AnonymousCredentials())
-    return gcs_client.Client()
-
-
 # The lock object's text: the holder as the error names it, then `lease <seconds> s`, then a
 # token of this `held` alone, by which a run knows its own lock (a write whose answer was lost
 # and that the client retried is refused by its own precondition: the object is ours anyway).
@@ -135,7 +120,7 @@ class _Lease:
 
         bucket_name, name = storage.paths.bucket_and_name(path)
         self.path, self.lease, self.report = path, lease, report
-        self.blob = _client().bucket(bucket_name).blob(name)
+        self.blob = storage.paths.gcs_client().bucket(bucket_name).blob(name)
         self.token = uuid.uuid4().hex
         self.text = _lock_text(_holder(), lease, self.token)
         self.generation: int | None = None
