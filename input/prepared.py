@@ -230,10 +230,9 @@ def _open_remote_shard(url: storage.Path, stored: StoredObject | None,
     if verify:
         expected = record.get("crc32c", {}).get("tokens")
         if expected is not None:  # the bucket's own checksum: a metadata field, no download
-            matches = stored.crc32c == expected
-        else:  # datasets prepared before manifests kept CRC32Cs: read the object through
-            matches = file_crc32(url) == record["crc32"]["tokens"]
-        if not matches:
+            if stored.crc32c != expected:
+                raise _checksum_error(url, "CRC32C")
+        elif file_crc32(url) != record["crc32"]["tokens"]:  # prepared before CRC32Cs: read it
             raise _checksum_error(url)
     shard_dtype, length, offset = _npy_header(url, stored.size)
     _check_contents(url, shard_dtype, length, record, dtype)
@@ -266,5 +265,5 @@ def _check_contents(path: Any, found_dtype: np.dtype, length: int, record: dict[
                         f"says {record['tokens']} {dtype}")
 
 
-def _checksum_error(path: Any) -> DataError:
-    return DataError(f"shard {path} fails its CRC32 checksum (corrupted or overwritten)")
+def _checksum_error(path: Any, kind: str = "CRC32") -> DataError:
+    return DataError(f"shard {path} fails its {kind} checksum (corrupted or overwritten)")

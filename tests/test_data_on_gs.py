@@ -138,7 +138,7 @@ def test_corrupted_and_missing_shard_objects_are_named(dataset):
     manifest = json.loads(storage.path(f"{url}/manifest.json").read_text())
     first, second = (f"{url}/{r['name']}.tokens.npy" for r in manifest["shards"][:2])
     _flip_a_byte(first)
-    with pytest.raises(DataError, match=f"shard {first} fails its CRC32 checksum"):
+    with pytest.raises(DataError, match=f"shard {first} fails its CRC32C checksum"):
         open_prepared(url, tokenizer)
     assert len(open_prepared(url, tokenizer, verify=False)) == manifest["tokens"]
     storage.path(second).unlink()
