@@ -384,13 +384,15 @@ def restart_cost(workdir: pathlib.Path, repeats: int) -> dict[str, float]:
     return {kind: statistics.median(seconds) for kind, seconds in times.items()}
 
 
-def save_and_restore(config, work: pathlib.Path, repeats: int) -> None:
-    """Figures 1, 3 and 4, on the ~1.1 GB state, with Python's collector as `train.run`
-    has it when its loop saves: what start-up made is frozen (train/process/collector.py)."""
+def on_built_state(measure: Callable[..., None], config, work: pathlib.Path,
+                   repeats: int) -> None:
+    """`measure(config, state, target, work, repeats)` on the ~1.1 GB state, with Python's
+    collector as `train.run` has it when its loop saves: what start-up made is frozen
+    (train/process/collector.py)."""
     with StartUp() as startup:
         state, target = build(config)
         startup.done()
-        measure_save_and_restore(config, state, target, work, repeats)
+        measure(config, state, target, work, repeats)
 
 
 def measure_save_and_restore(config, state, target, work: pathlib.Path, repeats: int) -> None:
@@ -447,15 +449,8 @@ def measure_save_and_restore(config, state, target, work: pathlib.Path, repeats:
           + ", ".join(f"{gb / t:.2f}" for t in rounds["same"]) + " GB/s")
 
 
-def in_bucket(config, work: pathlib.Path, repeats: int) -> None:
-    """Figures 1, 3 and 4 for a bucket, each next to its local-disk or plain-Orbax twin."""
-    with StartUp() as startup:
-        state, target = build(config)
-        startup.done()
-        measure_in_bucket(config, state, target, work, repeats)
-
-
 def measure_in_bucket(config, state, target, work: pathlib.Path, repeats: int) -> None:
+    """Figures 1, 3 and 4 for a bucket, each next to its local-disk or plain-Orbax twin."""
     gb = state_bytes(state) / 1e9
     bucket = f"gs://{BUCKET}"
     print(f"state: {gb:.2f} GB on {jax.device_count()} devices (fsdp=8); bucket on "
@@ -491,12 +486,12 @@ def main() -> None:
     print(f"host memory kept between steps: {KEPT}")
     work = pathlib.Path(args.dir)
     if args.storage == "gs":
-        in_bucket(configs.load(None, [*BIG_MODEL, "mesh.data=1", "mesh.fsdp=8"]), work,
-                  args.repeats)
+        on_built_state(measure_in_bucket, configs.load(
+            None, [*BIG_MODEL, "mesh.data=1", "mesh.fsdp=8"]), work, args.repeats)
         return
     if set(args.only) & set("134"):
         config = configs.load(None, [*BIG_MODEL, "mesh.data=1", "mesh.fsdp=8"])
-        save_and_restore(config, work, args.repeats)
+        on_built_state(measure_save_and_restore, config, work, args.repeats)
     if "2" in args.only:
         rate = training_cost(work, args.train_steps, args.repeats)
         print("\n2. what checkpointing costs training (bench-20m, 8 devices fsdp, save every 5, "

@@ -120,14 +120,7 @@ def main() -> None:
     with_workers = dataclasses.replace(config.data, workers=cores)
     iterator = train_iterator(dataset, with_workers)
     next(iterator)
-    rates = []
-    for _ in range(3):
-        started, batches = time.perf_counter(), 300
-        for _ in range(batches):
-            next(iterator)
-        elapsed = time.perf_counter() - started
-        rates.append(batches * config.train.batch_size * config.data.seq_len / elapsed)
-    pipeline = statistics.median(rates)
+    pipeline = batches_per_s(iterator, 300) * config.train.batch_size * config.data.seq_len
 
     result = run(config)
     step_tokens = (result.final_step - 1) * config.train.batch_size * config.data.seq_len
@@ -139,6 +132,17 @@ def main() -> None:
     print(f"   {1e3 * result.data_wait_seconds / result.final_step:.2f} ms a step = "
           f"{100 * result.data_wait_seconds / result.train_seconds:.2f}% of step time "
           "(target < 1%)")
+
+
+def batches_per_s(iterator, batches: int, rounds: int = 3) -> float:
+    """Median over `rounds` of the batches a second the iterator gives, `batches` at a time."""
+    rates = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        rates.append(batches / (time.perf_counter() - started))
+    return statistics.median(rates)
 
 
 def prepare_small(args) -> pathlib.Path:
@@ -220,15 +224,10 @@ def measure(args) -> dict[str, float]:
     iterator = train_iterator(dataset, config.data)
     for _ in range(20):  # warm: first blocks, threads started
         next(iterator)
-    rates = []
-    for _ in range(3):
-        started, batches = time.perf_counter(), 50
-        for _ in range(batches):
-            next(iterator)
-        rates.append(batches * config.train.batch_size / (time.perf_counter() - started))
+    rows_per_s = batches_per_s(iterator, 50) * config.train.batch_size
     run(config)
     logged = [r for r in metrics_log.read(run_dir) if "data_wait_ms" in r][1:]  # warm only
-    return {"rows_per_s": statistics.median(rates),
+    return {"rows_per_s": rows_per_s,
             "step_ms": statistics.median(r["step_ms"] for r in logged),
             "data_wait_ms": statistics.median(r["data_wait_ms"] for r in logged),
             "data_wait_fraction": statistics.median(r["data_wait_pct"] / 100 for r in logged)}

@@ -57,10 +57,14 @@ def _checksum(path: storage.Path, kind: str, kept_crc32c: int | None) -> int:
     return _read_checksum(path, kind)
 
 
-def _files(step_dir: storage.Path) -> dict[str, int]:
-    """The step's checked files, by path relative to it -> size: one listing, no stat each."""
-    return {name: size for name, size in sorted(storage.files_under(step_dir).items())
-            if os.path.basename(name) not in UNCHECKED}
+def _listing(step_dir: storage.Path) -> tuple[dict[str, int], dict[str, int]]:
+    """Every file of the step by path relative to it -> its size, and -> the CRC32C a bucket
+    keeps for it ({} on disk): one listing, no stat each."""
+    if storage.is_remote(step_dir):
+        objects = storage.objects_under(step_dir)
+        return ({name: stored.size for name, stored in objects.items()},
+                {name: stored.crc32c for name, stored in objects.items()})
+    return storage.files_under(step_dir), {}
 
 
 def _parallel_checksums(jobs: list[tuple[storage.Path, str, int | None]],
@@ -70,18 +74,12 @@ def _parallel_checksums(jobs: list[tuple[storage.Path, str, int | None]],
         return list(pool.map(lambda job: _checksum(*job), jobs))
 
 
-def _kept_crc32c(step_dir: storage.Path) -> dict[str, int]:
-    """The CRC32C of every object of a step in a bucket (one listing); {} on disk."""
-    if not storage.is_remote(step_dir):
-        return {}
-    return {name: stored.crc32c for name, stored in storage.objects_under(step_dir).items()}
-
-
 def write_checksums(step_dir: storage.Path) -> int:
     """Record size and checksum of every file of the step; returns the total bytes."""
-    files = _files(step_dir)
-    kept = _kept_crc32c(step_dir)
-    kind = "crc32c" if kept else "crc32"
+    sizes, kept = _listing(step_dir)
+    files = {name: size for name, size in sorted(sizes.items())
+             if os.path.basename(name) not in UNCHECKED}
+    kind = "crc32c" if storage.is_remote(step_dir) else "crc32"
     crcs = _parallel_checksums([(step_dir / name, kind, kept.get(name)) for name in files],
                                _WRITE_THREADS)
     entries = {name: {"size": size, kind: crc}
@@ -99,7 +97,7 @@ def verify(step_dir: storage.Path, step: int, under: str = "") -> None:
     path in the step starts with `under`, e.g. "config/": all by default)."""
     entries = [(name, e) for name, e in _manifest_entries(step_dir, step)
                if name.startswith(under)]
-    sizes = storage.files_under(step_dir)
+    sizes, kept = _listing(step_dir)
     for name, expected in entries:
         path = step_dir / name
         if name not in sizes:
@@ -109,7 +107,6 @@ def verify(step_dir: storage.Path, step: int, under: str = "") -> None:
             raise DamagedCheckpointError(
                 f"checkpoint step {step}: file {path} has {size} bytes, expected "
                 f"{expected['size']} (truncated or overwritten)")
-    kept = _kept_crc32c(step_dir)
     jobs = [(step_dir / name, _kind(e), kept.get(name)) for name, e in entries]
     for (path, kind, _), (_, expected), crc in zip(
             jobs, entries, _parallel_checksums(jobs, _VERIFY_THREADS), strict=True):

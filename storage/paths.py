@@ -88,10 +88,7 @@ def files_under(directory: str | os.PathLike) -> dict[str, int]:
     """
     directory = path(directory)
     if is_remote(directory):
-        prefix = os.fspath(directory).removeprefix(GCS_PREFIX).rstrip("/") + "/"
-        found = gcs().find(prefix, detail=True)
-        return {name[len(prefix):]: int(info["size"]) for name, info in found.items()
-                if info["type"] == "file" and not name.endswith("/")}
+        return {name: stored.size for name, stored in objects_under(directory).items()}
     files = {}
     for root, _, names in os.walk(directory):
         for name in names:

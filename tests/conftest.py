@@ -93,6 +93,16 @@ def one_device_optimised_xla_flags() -> str:
                   os.environ["XLA_FLAGS"].replace(FAST_COMPILE_FLAGS, "")).strip()
 
 
+def wait_for_line(process, pattern) -> list[str]:
+    """Read the process's output up to the first line matching `pattern` (a regex)."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if re.match(pattern, line):
+            return lines
+    raise AssertionError(f"process ended before printing {pattern!r}:\n" + "".join(lines))
+
+
 def corrupt_largest_state_file(step_dir):
     """Flip a byte in the middle of a checkpoint step's largest array file (on disk or in a
     bucket); that file."""

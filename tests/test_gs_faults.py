@@ -11,11 +11,10 @@ from test_train_process_on_gs import (
     final_state,
     finish,
     start_train,
-    wait_for_line,
 )
 
 from checkpoint import checkpoint_dir, complete_steps
-from conftest import SAVED_RUN, tiny_config
+from conftest import SAVED_RUN, tiny_config, wait_for_line
 from gcs_server import emulator_env
 from train import run
 

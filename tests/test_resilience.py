@@ -4,7 +4,6 @@ import contextlib
 import gc
 import os
 import random
-import re
 import resource
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from conftest import (
     TINY_OVERRIDES,
     corrupt_largest_state_file,
     tiny_config,
+    wait_for_line,
     without_shared_compile_cache,
 )
 from sharding import make_mesh, with_shardings
@@ -42,16 +42,6 @@ def _start(run_dir, *overrides, env=None):
         env=env)
 
 
-def _wait_for_line(process, pattern):
-    """Read the process's output up to the first line matching `pattern` (a regex)."""
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if re.match(pattern, line):
-            return lines
-    raise AssertionError(f"process ended before printing {pattern!r}:\n" + "".join(lines))
-
-
 def _final_params(run_dir, config):
     ckpt = Checkpointer(run_dir / "checkpoints", config.checkpoint)
     step = ckpt.latest_step()
@@ -67,9 +57,9 @@ def _final_params(run_dir, config):
 def test_sigusr1_saves_at_the_next_step_and_sigterm_finishes_the_step_saves_and_exits_0(
         tmp_path):
     process = _start(tmp_path, "checkpoint.every=1000")  # no scheduled save in 40 steps
-    _wait_for_line(process, r"step +\d")
+    wait_for_line(process, r"step +\d")
     process.send_signal(signal.SIGUSR1)
-    lines = _wait_for_line(process, r"checkpoint step \d+: loop blocked")
+    lines = wait_for_line(process, r"checkpoint step \d+: loop blocked")
     requested = int(lines[-1].split()[2].rstrip(":"))
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
@@ -89,9 +79,9 @@ def test_sigusr1_saves_at_the_next_step_and_sigterm_finishes_the_step_saves_and_
 @pytest.mark.slow
 def test_second_signal_exits_at_once_and_keeps_saved_checkpoints(tmp_path):
     process = _start(tmp_path)
-    _wait_for_line(process, "checkpoint step 4: committed")
+    wait_for_line(process, "checkpoint step 4: committed")
     process.send_signal(signal.SIGTERM)
-    _wait_for_line(process, "received SIGTERM")
+    wait_for_line(process, "received SIGTERM")
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, out[-2000:]
@@ -108,7 +98,7 @@ def test_kill9_at_random_moments_resumes_bit_identical(tmp_path):
     # been committed (steps take ~10 ms here, so a fixed wait could outlast the run).
     for target in sorted(rng.sample(range(4, 34, 2), 2)):
         process = _start(tmp_path / "killed")
-        _wait_for_line(process, rf"checkpoint step ({'|'.join(map(str, range(target, 40, 2)))})"
+        wait_for_line(process, rf"checkpoint step ({'|'.join(map(str, range(target, 40, 2)))})"
                                 r": committed")
         time.sleep(rng.uniform(0.0, 0.15))
         process.kill()

@@ -13,7 +13,12 @@ import numpy as np
 
 import storage
 from checkpoint import Checkpointer, checkpoint_dir, complete_steps
-from conftest import TINY_OVERRIDES, tiny_config, without_shared_compile_cache
+from conftest import (
+    TINY_OVERRIDES,
+    tiny_config,
+    wait_for_line,
+    without_shared_compile_cache,
+)
 from sharding import make_mesh, with_shardings
 from train import run
 from train.__main__ import main
@@ -50,16 +55,6 @@ def start_train(run_dir, *overrides, env=None) -> subprocess.Popen:
         [sys.executable, "-c", LOCAL_ONLY, *TINY_OVERRIDES, *LONG, f"run_dir={run_dir}",
          *overrides], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=env)
-
-
-def wait_for_line(process, pattern) -> list[str]:
-    """Read the process's output up to the first line matching `pattern` (a regex)."""
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if re.match(pattern, line):
-            return lines
-    raise AssertionError(f"process ended before printing {pattern!r}:\n" + "".join(lines))
 
 
 def finish(process, timeout=180) -> str:
