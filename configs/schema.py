@@ -210,11 +210,19 @@ class MeshConfig:
     """Device mesh and the logical-to-mesh sharding rules."""
 
     data: int = -1
-    """Data-parallel axis size; -1 means all devices not used by the other axes."""
+    """Data-parallel axis size; -1 means all devices (of a slice) not used by the other
+    axes."""
     fsdp: int = 1
     """Fully-sharded data-parallel axis size (parameters and optimizer state split)."""
     tensor: int = 1
     """Tensor-parallel axis size (heads, mlp and vocab split)."""
+    dcn_data: Positive = 1
+    """Multi-slice: the data axis also splits this many ways across slices (over the
+    data-centre network), so it has data x dcn_data ways in all; `data`, `fsdp` and
+    `tensor` are the ways within one slice."""
+    dcn_fsdp: Positive = 1
+    """Multi-slice: the fsdp axis also splits this many ways across slices (fsdp x dcn_fsdp
+    ways in all). dcn_data x dcn_fsdp must be the number of slices."""
     rules: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_RULES
     """Logical axis name -> mesh axes; a name missing here is replicated."""
 

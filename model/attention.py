@@ -8,7 +8,7 @@ to position j iff j <= i and both lie in the same document:
 - `cudnn`: `jax.nn.dot_product_attention`'s cuDNN flash kernel (NVIDIA GPUs).
 - `splash`: the Pallas splash kernel (TPU). Pallas kernels are not partitioned by
   XLA, so it runs under `shard_map` over the batch and head axes of the active
-  mesh; off TPU it runs in the (slow) Pallas interpreter, for tests.
+  mesh; on a mesh of other devices it runs in the (slow) Pallas interpreter, for tests.
 
 Shapes: B batch, L length, M key positions, H query heads, G kv heads, R = H / G,
 K head dim.
@@ -108,11 +108,14 @@ def _splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
     batch, length = q_BxLxHxK.shape[:2]
     if segment_ids_BxL is None:
         segment_ids_BxL = jnp.zeros((batch, length), jnp.int32)
-    interpret = jax.default_backend() != "tpu"
     active = active_mesh()
-    if active is None:
+    if active is None:  # no mesh: the step runs on the default device
+        interpret = jax.default_backend() != "tpu"
         return _splash_local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, interpret)
     mesh, rules = active
+    # The mesh's devices, not the host's backend: a CPU host compiling for a TPU slice
+    # must get the real kernel.
+    interpret = mesh.devices.flat[0].platform != "tpu"
     heads = logical_to_spec(("batch", "length", "heads", "head_dim"), rules)
     kv_heads = logical_to_spec(("batch", "length", "kv_heads", "head_dim"), rules)
     rows = logical_to_spec(("batch", "length"), rules)
