@@ -35,7 +35,9 @@ _PRESETS: dict[str, Config] = {
         train=TrainConfig(steps=1000, batch_size=16, log_every=10),
         run_dir="runs/gpt2-small",
     ),
-    # Llama 3.2 1B: 1,235,814,400 parameters (tied embeddings, 8 kv heads).
+    # Llama 3.2 1B: 1,235,814,400 parameters (tied embeddings, 8 kv heads). For a v5e-16
+    # slice (fsdp 16): 32 rows of 2,048 tokens, 2 a chip; 32 also splits over 2 such slices
+    # (mesh.dcn_data=2) or a v5e-32.
     "llama-1b": Config(
         model=ModelConfig(vocab_size=128256, embed_dim=2048, num_layers=16, num_heads=32,
                           num_kv_heads=8, head_dim=64, mlp_dim=8192, rope_theta=500000.0,
@@ -43,17 +45,19 @@ _PRESETS: dict[str, Config] = {
                           remat="save_dots"),
         data=DataConfig(seq_len=2048),
         mesh=_LARGE_MESH,
-        train=TrainConfig(steps=1000, batch_size=8, log_every=10),
+        train=TrainConfig(steps=1000, batch_size=32, log_every=10),
         run_dir="runs/llama-1b",
     ),
-    # Llama 2 7B: 6,738,415,616 parameters.
+    # Llama 2 7B: 6,738,415,616 parameters. For a v5e-256 slice (fsdp 256, 1 row of 4,096
+    # tokens a chip, about 1M tokens a step); the same 256 rows split 4 a chip on a v5p-128
+    # (64 chips).
     "llama-7b": Config(
         model=ModelConfig(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32,
                           num_kv_heads=32, head_dim=128, mlp_dim=11008,
                           unembed_init_std=0.007, scan_layers=True, remat="full"),
         data=DataConfig(seq_len=4096),
         mesh=_LARGE_MESH,
-        train=TrainConfig(steps=1000, batch_size=8, log_every=10),
+        train=TrainConfig(steps=1000, batch_size=256, log_every=10),
         run_dir="runs/llama-7b",
     ),
 }

@@ -154,13 +154,7 @@ def _check_fits(config: Config, mesh: jax.sharding.Mesh, tokenizer: Any) -> None
         raise configs.ConfigError(
             f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
             f"vocabulary ({tokenizer.vocab_size})")
-    ways = sharding.batch_ways(mesh, config.mesh.rules)
-    parts = config.train.microbatches
-    if config.train.batch_size % (ways * parts):
-        raise configs.ConfigError(
-            f"train.batch_size ({config.train.batch_size}) must be a multiple of the {ways} ways "
-            f"the batch is split over the mesh {dict(mesh.shape)}"
-            + (f" times train.microbatches ({parts})" if parts > 1 else ""))
+    sharding.check_batch(config, mesh)
 
 
 def _training_batches(config: Config, sources: data_input.DataSources,
