@@ -41,6 +41,7 @@ def train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig,
     else:
         loss, tokens, grads = _accumulated_loss_and_grad(state.params, batch, cfg, microbatches,
                                                          key)
+    grads = in_parameter_layout(grads, cfg)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.tree.norm(grads),
@@ -49,6 +50,16 @@ def train_step(state: TrainState, batch: Batch, *, cfg: ModelConfig,
 
 
 _loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def in_parameter_layout(grads: Params, cfg: ModelConfig) -> Params:
+    """The gradients split as their parameters are.
+
+    Each weight's gradient is a sum over the batch shards. Asked for in the parameter's
+    own layout, that sum is one reduce-scatter (under FSDP); left unconstrained, XLA sums
+    it whole on every device (an all-reduce) and then keeps each device's slice.
+    """
+    return jax.tree.map(constrain, grads, model.logical_axes(cfg))
 
 
 def dropout_key(cfg: ModelConfig, seed: int, step: jax.Array) -> jax.Array | None:
@@ -78,6 +89,7 @@ def _accumulated_loss_and_grad(params: Params, batch: Batch, cfg: ModelConfig,
         part, part_key = inputs
         part = {k: constrain(v, ("batch", "length")) for k, v in part.items()}
         (loss, tokens), grads = _loss_and_grad(params, part, cfg, part_key)
+        grads = in_parameter_layout(grads, cfg)  # each part's sum over shards scattered
         grad_sum = jax.tree.map(lambda total, g: total + g * tokens, grad_sum, grads)
         return (loss_sum + loss * tokens, token_sum + tokens, grad_sum), None
 
