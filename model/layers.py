@@ -25,6 +25,7 @@ from configs.schema import ModelConfig
 from model import cpu_kernels
 from model.attention import attend, attend_cache, write_cache
 from sharding import constrain
+from sharding.rules import gathered
 
 LogicalAxes = tuple[str | None, ...]
 
@@ -51,6 +52,14 @@ def dense_kernel(matmul: str) -> Dense:
         raise ValueError(f"model.matmul must be one of {', '.join(DENSE_KERNELS)}, got "
                          f"{matmul!r} (resolve auto with configs.resolve_auto first)")
     return DENSE_KERNELS[matmul]
+
+
+def weight(w: nnx.Param, dtype: jnp.dtype) -> jax.Array:
+    """A parameter as the layer computes with it: in the compute dtype, and whole over the
+    batch axes (an FSDP all-gather; see `sharding.rules.gathered`)."""
+    axes = w.get_metadata()["logical_axes"]
+    value = w[...].astype(dtype)
+    return gathered(value, tuple(axes)[len(axes) - value.ndim:])  # a scanned layer's slice
 
 
 def zeros(shape: tuple[int, ...], axes: LogicalAxes) -> nnx.Param:
@@ -156,9 +165,9 @@ class Attention(nnx.Module):
     def _project(self, x_BxLxD: jax.Array,
                  positions_BxL: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         dt = self.dtype
-        q_BxLxHxK = self.dense(x_BxLxD, self.wq_DxHxK[...].astype(dt))
-        k_BxLxGxK = self.dense(x_BxLxD, self.wk_DxGxK[...].astype(dt))
-        v_BxLxGxK = self.dense(x_BxLxD, self.wv_DxGxK[...].astype(dt))
+        q_BxLxHxK = self.dense(x_BxLxD, weight(self.wq_DxHxK, dt))
+        k_BxLxGxK = self.dense(x_BxLxD, weight(self.wk_DxGxK, dt))
+        v_BxLxGxK = self.dense(x_BxLxD, weight(self.wv_DxGxK, dt))
         if self.biased:
             q_BxLxHxK = q_BxLxHxK + self.bq_HxK[...].astype(dt)
             k_BxLxGxK = k_BxLxGxK + self.bk_GxK[...].astype(dt)
@@ -173,7 +182,7 @@ class Attention(nnx.Module):
 
     def _output(self, out_BxLxHxK: jax.Array) -> jax.Array:
         out_BxLxHxK = constrain(out_BxLxHxK, ("batch", "length", "heads", "head_dim"))
-        out_BxLxD = self.dense(out_BxLxHxK, self.wo_HxKxD[...].astype(self.dtype), 2)
+        out_BxLxD = self.dense(out_BxLxHxK, weight(self.wo_HxKxD, self.dtype), 2)
         return out_BxLxD + self.bo_D[...].astype(self.dtype) if self.biased else out_BxLxD
 
 
@@ -195,13 +204,13 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.dtype
-        gate_BxLxF = self.dense(x_BxLxD, self.w_gate_DxF[...].astype(dt))
-        up_BxLxF = self.dense(x_BxLxD, self.w_up_DxF[...].astype(dt))
+        gate_BxLxF = self.dense(x_BxLxD, weight(self.w_gate_DxF, dt))
+        up_BxLxF = self.dense(x_BxLxD, weight(self.w_up_DxF, dt))
         if self.biased:
             gate_BxLxF = gate_BxLxF + self.b_gate_F[...].astype(dt)
             up_BxLxF = up_BxLxF + self.b_up_F[...].astype(dt)
         hidden_BxLxF = constrain(jax.nn.silu(gate_BxLxF) * up_BxLxF, ("batch", "length", "mlp"))
-        out_BxLxD = self.dense(hidden_BxLxF, self.w_down_FxD[...].astype(dt))
+        out_BxLxD = self.dense(hidden_BxLxF, weight(self.w_down_FxD, dt))
         return out_BxLxD + self.b_down_D[...].astype(dt) if self.biased else out_BxLxD
 
 
@@ -222,12 +231,12 @@ class GeluMLP(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         dt = self.dtype
-        pre_BxLxF = self.dense(x_BxLxD, self.w_in_DxF[...].astype(dt))
+        pre_BxLxF = self.dense(x_BxLxD, weight(self.w_in_DxF, dt))
         if self.biased:
             pre_BxLxF = pre_BxLxF + self.b_in_F[...].astype(dt)
         hidden_BxLxF = jax.nn.gelu(pre_BxLxF, approximate=True)
         hidden_BxLxF = constrain(hidden_BxLxF, ("batch", "length", "mlp"))
-        out_BxLxD = self.dense(hidden_BxLxF, self.w_out_FxD[...].astype(dt))
+        out_BxLxD = self.dense(hidden_BxLxF, weight(self.w_out_FxD, dt))
         return out_BxLxD + self.b_out_D[...].astype(dt) if self.biased else out_BxLxD
 
 

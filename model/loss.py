@@ -197,7 +197,9 @@ def _local_loss_sum_and_grads(h_BxLxD, unembed_DxV, targets_BxL, weights_BxL, *,
     start = (jnp.zeros((), jnp.float32), jnp.zeros(unembed_DxV.shape, jnp.float32))
     (total, d_unembed_DxV), d_h_NxBxCxD = jax.lax.scan(add_chunk, start, parts)
     d_h_BxLxD = jnp.swapaxes(d_h_NxBxCxD, 0, 1).reshape(h_BxLxD.shape)
-    return _psum(total, layout.rows), (d_h_BxLxD, _sum_over_rows(d_unembed_DxV, layout))
+    # Summed over devices in the compute dtype, as the other weights' gradients are.
+    return _psum(total, layout.rows), (d_h_BxLxD, _sum_over_rows(d_unembed_DxV.astype(dt),
+                                                                  layout))
 
 
 def _sum_over_rows(d_unembed_DxV: jax.Array, layout: _Layout) -> jax.Array:

@@ -10,7 +10,7 @@ from flax import nnx
 
 from configs import check_resolved, derive_model
 from configs.schema import ModelConfig
-from model.layers import Attention, dropout, mlp, norm, param
+from model.layers import Attention, dropout, mlp, norm, param, weight
 from sharding import constrain
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -167,13 +167,11 @@ class Transformer(nnx.Module):
         return self.logits(self.final_norm(x_BxTxD)), {"k": keys, "v": values}
 
     def _embed(self, tokens_BxL: jax.Array, positions_BxL: jax.Array) -> jax.Array:
-        # The tables are gathered whole along embed first (as FSDP does for every weight):
+        # The tables are gathered whole along embed first, as every weight is (`weight`):
         # a lookup from an embed-sharded table cannot produce batch-sharded rows cheaply.
-        embed_VxD = constrain(self.embed_VxD[...], ("vocab", None))
-        x_BxLxD = embed_VxD.astype(self.dtype)[tokens_BxL]
+        x_BxLxD = weight(self.embed_VxD, self.dtype)[tokens_BxL]
         if self.learned_positions:
-            positions_PxD = constrain(self.positions_PxD[...], ("positions", None))
-            x_BxLxD = x_BxLxD + positions_PxD.astype(self.dtype)[positions_BxL]
+            x_BxLxD = x_BxLxD + weight(self.positions_PxD, self.dtype)[positions_BxL]
         return constrain(x_BxLxD, ACTIVATION_AXES)
 
     def _blocks(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,

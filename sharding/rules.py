@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -79,6 +80,56 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+
+def gathered(w: jax.Array, axes: LogicalAxes) -> jax.Array:
+    """A weight about to be computed with, whole over the mesh axes that split the batch.
+
+    Under FSDP a weight is stored split over the batch axes; asking for it whole right
+    where it is used makes that one all-gather of the weight (in its compute dtype), and
+    its gradient, a sum over the batch shards, one reduce-scatter back to the weight's own
+    layout. Left to itself, XLA may instead pass activations around the ring, which costs
+    more when a device holds more tokens than the weight has rows. Splits over other axes
+    (tensor) stay. A no-op without active rules.
+
+    The whole weight is not kept for the backward pass but gathered again there, as FSDP
+    does: kept, every layer's whole weights would stay in memory until the backward.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return w
+    mesh, rules = active
+    batch_axes = set(_mesh_axes(logical_to_spec(("batch",), rules)[0]))
+    split = logical_to_spec(axes, rules)
+    kept = [tuple(a for a in _mesh_axes(entry) if a not in batch_axes) for entry in split]
+    whole = PartitionSpec(*(a[0] if len(a) == 1 else (a or None) for a in kept))
+    if whole == split:
+        return w
+    gather = functools.partial(_all_gather, whole=NamedSharding(mesh, whole),
+                               split=NamedSharding(mesh, split))
+    return jax.checkpoint(gather)(w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _all_gather(w: jax.Array, whole: NamedSharding, split: NamedSharding) -> jax.Array:
+    return jax.lax.with_sharding_constraint(w, whole)
+
+
+def _all_gather_forward(w, whole, split):
+    return _all_gather(w, whole, split), None
+
+
+def _all_gather_backward(whole, split, _, d_w):
+    # The gradient goes straight to the weight's layout: a reduce-scatter of the partial
+    # sums. The plain constraint's transpose would first sum it whole (an all-reduce).
+    return (jax.lax.with_sharding_constraint(d_w, split),)
+
+
+_all_gather.defvjp(_all_gather_forward, _all_gather_backward)
+
+
+def _mesh_axes(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
 def tree_shardings(mesh: Mesh, logical_tree: Any, shape_tree: Any, rules: Rules) -> Any:
