@@ -87,10 +87,11 @@ def gathered(w: jax.Array, axes: LogicalAxes) -> jax.Array:
 
     Under FSDP a weight is stored split over the batch axes; asking for it whole right
     where it is used makes that one all-gather of the weight (in its compute dtype), and
-    its gradient, a sum over the batch shards, one reduce-scatter back to the weight's own
-    layout. Left to itself, XLA may instead pass activations around the ring, which costs
-    more when a device holds more tokens than the weight has rows. Splits over other axes
-    (tensor) stay. A no-op without active rules.
+    its gradient, a sum over the batch shards, goes straight back to the weight's own
+    layout (which the compiler may sum as a reduce-scatter). Left to itself, XLA may
+    instead pass activations around the ring, which costs more when a device holds more
+    tokens than the weight has rows. Splits over other axes (tensor) stay. A no-op
+    without active rules.
 
     The whole weight is not kept for the backward pass but gathered again there, as FSDP
     does: kept, every layer's whole weights would stay in memory until the backward.
@@ -99,7 +100,8 @@ def gathered(w: jax.Array, axes: LogicalAxes) -> jax.Array:
     if active is None:
         return w
     mesh, rules = active
-    batch_axes = set(_mesh_axes(logical_to_spec(("batch",), rules)[0]))
+    batch_axes = {a for a in _mesh_axes(logical_to_spec(("batch",), rules)[0])
+                  if mesh.shape[a] > 1}
     split = logical_to_spec(axes, rules)
     kept = [tuple(a for a in _mesh_axes(entry) if a not in batch_axes) for entry in split]
     whole = PartitionSpec(*(a[0] if len(a) == 1 else (a or None) for a in kept))
@@ -120,8 +122,9 @@ def _all_gather_forward(w, whole, split):
 
 
 def _all_gather_backward(whole, split, _, d_w):
-    # The gradient goes straight to the weight's layout: a reduce-scatter of the partial
-    # sums. The plain constraint's transpose would first sum it whole (an all-reduce).
+    # The gradient goes straight to the weight's layout, so its partial sums can be
+    # reduce-scattered; the plain constraint's transpose would ask for it whole on every
+    # device first, which only an all-reduce gives.
     return (jax.lax.with_sharding_constraint(d_w, split),)
 
 
