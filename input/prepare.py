@@ -14,6 +14,10 @@ depends only on the sources and --shard-mb, so a killed run started again
 redoes only the unfinished shards and ends byte-identical to an uninterrupted
 run, whatever the number of workers.
 
+`--ray [ADDRESS]` runs the same units as tasks of a Ray cluster instead of local worker
+processes (input/ray_prepare.py; `pip install 'io-first-lm[ray]'`): the output is the same,
+byte for byte.
+
 Shard format: a memory-mapped .npy array of token ids (uint16 when the
 vocabulary fits, else uint32) and a .npy array of document end offsets.
 Training cuts rows at arbitrary offsets of the token stream, so one row is one
@@ -35,7 +39,10 @@ import pathlib
 import sys
 import tempfile
 import time
+import zlib
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -57,6 +64,14 @@ from storage.paths import (
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 ENCODE_BATCH = 512  # documents per tokenizer call: the Rust tokenizers parallelise a batch
 TRAINED_TOKENIZER = "tokenizer.json"
+# --train-tokenizer reads at most this much text, the same share from the start of every unit:
+# a byte-level BPE's merges settle well within a GB, and training time and memory grow with
+# the sample. Fixed by the plan alone, the sample (and so the tokenizer) is the same on one
+# host or a cluster; a corpus whose units all fit their share is read whole.
+TOKENIZER_SAMPLE_BYTES = 1 << 30
+# Files cut at once while planning: each cut is a small ranged read, so a bucket's latency,
+# not its bandwidth, bounds the plan of many files.
+PLAN_THREADS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,24 +161,31 @@ def _line_aligned(path: str, offset: int, size: int) -> int:
     return size
 
 
+def _file_cuts(path: str, shard_bytes: int) -> list[tuple[int, int]]:
+    """The (start, end) of each unit of one file: row groups of a parquet file, the whole
+    of a compressed or empty one, else line-aligned byte ranges of about shard_bytes."""
+    if path.endswith(".parquet"):
+        return [(group, group + 1) for group in range(_parquet(path).num_row_groups)]
+    size = file_size(path)
+    if path.endswith(".gz") or size == 0:
+        return [(0, -1)]
+    cuts, start = [], 0
+    while start < size:
+        end = _line_aligned(path, start + shard_bytes, size)
+        cuts.append((start, end))
+        start = end
+    return cuts
+
+
 def plan_units(files: list[str], shard_bytes: int) -> list[Unit]:
-    """Cut the input into units; depends only on the files and shard_bytes."""
-    units: list[Unit] = []
-    for path in map(str, files):
-        if path.endswith(".parquet"):
-            for group in range(_parquet(path).num_row_groups):
-                units.append(Unit(len(units), path, group, group + 1))
-            continue
-        size = file_size(path)
-        if path.endswith(".gz") or size == 0:
-            units.append(Unit(len(units), path, 0, -1))
-            continue
-        start = 0
-        while start < size:
-            end = _line_aligned(path, start + shard_bytes, size)
-            units.append(Unit(len(units), path, start, end))
-            start = end
-    return units
+    """Cut the input into units; depends only on the files and shard_bytes (files are cut
+    concurrently, numbered in order)."""
+    files = list(map(str, files))
+    with ThreadPoolExecutor(PLAN_THREADS) as pool:
+        cuts = list(pool.map(lambda path: _file_cuts(path, shard_bytes), files))
+    spans = [(path, start, end) for path, file_cuts in zip(files, cuts, strict=True)
+             for start, end in file_cuts]
+    return [Unit(index, *span) for index, span in enumerate(spans)]
 
 
 @dataclasses.dataclass
@@ -193,15 +215,18 @@ def _open(path: str) -> Iterator[BinaryIO]:
 
 def _read_range(unit: Unit) -> Iterator[bytes]:
     """The unit's lines (with their newlines), streamed."""
-    with _open(unit.path) as f:
-        f.seek(unit.start)
-        remaining = None if unit.end < 0 else unit.end - unit.start
-        for line in f:
-            if remaining is not None:
-                if remaining <= 0:
-                    break
-                remaining -= len(line)
-            yield line
+    try:
+        with _open(unit.path) as f:
+            f.seek(unit.start)
+            remaining = None if unit.end < 0 else unit.end - unit.start
+            for line in f:
+                if remaining is not None:
+                    if remaining <= 0:
+                        break
+                    remaining -= len(line)
+                yield line
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{unit.path}: not a readable gzip file ({e})") from e
 
 
 def _parquet(path: str):
@@ -258,6 +283,22 @@ def iter_documents(unit: Unit, field: str, counts: _Counts) -> Iterator[tuple[st
         else:
             counts.documents += 1
             yield document, True
+
+
+def tokenizer_sample(unit: Unit, field: str, budget: int) -> list[str]:
+    """The unit's first documents, until `budget` bytes of input are read (the document that
+    crosses it included): the unit's share of the sample a tokenizer is trained on."""
+    counts, texts = _Counts(), []
+    for text, _ in iter_documents(unit, field, counts):
+        texts.append(text)
+        if counts.raw_bytes >= budget:
+            break
+    return texts
+
+
+def sample_budget(units: list[Unit]) -> int:
+    """Bytes of each unit's share of the tokenizer's training sample."""
+    return max(1, TOKENIZER_SAMPLE_BYTES // max(1, len(units)))
 
 
 def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -343,32 +384,50 @@ def _progress(units: list[Unit], records: dict[int, Any], raw: int, raw_total: i
     eta = (raw_total - raw) / rate if rate > 0 else float("nan")
     pending_files = {u.path for u in units if u.index not in records}
     files = len({u.path for u in units})
-    return (f"files {files - len(pending_files)}/{files} | shards {len(records)}/{len(units)} | "
-            f"{raw / 1e6:,.1f} MB | {rate / 1e6:.2f} MB/s | {tokens / elapsed:,.0f} tokens/s | "
-            f"ETA {eta:.0f} s")
+    whole = sum(u.path.endswith(".gz") for u in units)
+    gz = f" ({whole} whole .jsonl.gz files: gzip cannot be cut)" if whole else ""
+    return (f"files {files - len(pending_files)}/{files} | shards {len(records)}/{len(units)}"
+            f"{gz} | {raw / 1e6:,.1f} MB | {rate / 1e6:.2f} MB/s | "
+            f"{tokens / elapsed:,.0f} tokens/s | ETA {eta:.0f} s")
 
 
 def prepare(sources: list[str], out: str | os.PathLike, tokenizer: str = "bytes",
             field: str = "text", workers: int | None = None, shard_mb: float = 64.0,
-            train_tokenizer: int = 0, report=print) -> dict[str, Any]:
+            train_tokenizer: int = 0, report=print, ray: str | None = None) -> dict[str, Any]:
     """Tokenize `sources` into shards under `out` (a directory or gs:// URL) and write its
     manifest; resumable.
 
-    With `train_tokenizer` = V, first train a byte-level BPE of V tokens on the
-    sources (once: a resumed run reuses it) and tokenize with it.
+    With `train_tokenizer` = V, first train a byte-level BPE of V tokens on a sample of
+    the sources (once: a resumed run reuses it) and tokenize with it. With `ray` (a
+    cluster's address, or "auto"), the units run as tasks of that Ray cluster.
     """
     out = _output_dir(out)
+    cluster = _cluster(ray)
     files = find_sources(sources)
     units = plan_units(files, max(1, int(shard_mb * 1e6)))
+    sizes = _sizes(files)
     # Tokenizer files live on local disk for the workers: one from a bucket is copied here.
     with tempfile.TemporaryDirectory(prefix="io-first-lm-prepare-") as scratch:
         if train_tokenizer:
-            tokenizer = _trained_tokenizer(units, field, train_tokenizer, out, scratch, report)
+            tokenizer = _trained_tokenizer(units, field, train_tokenizer, out, scratch, report,
+                                           cluster)
         else:
             tokenizer = _local_file(tokenizer, scratch)
-        manifest = _tokenize(units, files, tokenizer, field, workers, out, report)
-    _warn_about_input(manifest, report)
+        manifest = _tokenize(units, files, sizes, tokenizer, field, workers, out, report,
+                             cluster)
+    _warn_about_input(manifest, sizes, report)
     return manifest
+
+
+def _cluster(address: str | None):
+    """None (worker processes of this host), or the Ray runner joined to the cluster at
+    `address`: Ray is an optional extra, imported only when asked for."""
+    if address is None:
+        return None
+    from input import ray_prepare
+
+    ray_prepare.connect(address)
+    return ray_prepare
 
 
 def _output_dir(out: str | os.PathLike) -> storage.Path:
@@ -392,20 +451,25 @@ def _local_file(spec: str, scratch: str) -> str:
     return str(local)
 
 
-def _tokenize(units: list[Unit], files: list[str], tokenizer: str, field: str,
-              workers: int | None, out: storage.Path, report) -> dict[str, Any]:
+def _sizes(files: list[str]) -> dict[str, int]:
+    """Each file's size in bytes, asked for concurrently (a request each in a bucket)."""
+    with ThreadPoolExecutor(PLAN_THREADS) as pool:
+        return dict(zip(files, pool.map(file_size, files), strict=True))
+
+
+def _tokenize(units: list[Unit], files: list[str], sizes: dict[str, int], tokenizer: str,
+              field: str, workers: int | None, out: storage.Path, report,
+              cluster) -> dict[str, Any]:
     """Tokenize the units without a done marker, then write the manifest of all."""
     records = _done(out, units)
     pending = [u for u in units if u.index not in records]
     report(f"{len(files)} files -> {len(units)} shards ({len(records)} already done)")
-    total_raw = sum(_unit_bytes(u) for u in pending)
+    unit_bytes = _unit_bytes(units, sizes)
+    total_raw = sum(unit_bytes[u.index] for u in pending)
     started, raw, tokens, last = time.perf_counter(), 0, 0, 0.0
     jobs = [(u, tokenizer, field, str(out)) for u in pending]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-    pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread_each)
-            if workers > 1 else _Serial())
-    with pool:
-        for record in pool.imap_unordered(_work, jobs):
+    with _results(jobs, workers, cluster) as results:
+        for record in results:
             records[_index(record)] = record
             raw, tokens = raw + record["raw_bytes"], tokens + record["tokens"]
             if time.perf_counter() - last > 1.0 or len(records) == len(units):
@@ -416,25 +480,44 @@ def _tokenize(units: list[Unit], files: list[str], tokenizer: str, field: str,
     return manifest
 
 
-def _unit_bytes(unit: Unit) -> int:
-    """Bytes of input the unit covers (a parquet unit: its share of the file), for the ETA."""
-    size = file_size(unit.path)
-    if unit.path.endswith(".parquet"):
-        return size // max(1, _parquet(unit.path).num_row_groups)
-    return (unit.end if unit.end >= 0 else size) - unit.start
+@contextlib.contextmanager
+def _results(jobs: list[tuple[Unit, str, str, str]], workers: int | None,
+             cluster) -> Iterator[Iterator[dict[str, Any]]]:
+    """The records of `jobs` in the order they finish: from tasks of a Ray cluster, from a
+    pool of worker processes, or from this process (one worker, or nothing to do)."""
+    if cluster is not None:
+        yield cluster.tokenize(jobs, workers)
+        return
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=_one_thread_each)
+            if workers > 1 else _Serial())
+    with pool:
+        yield pool.imap_unordered(_work, jobs)
+
+
+def _unit_bytes(units: list[Unit], sizes: dict[str, int]) -> dict[int, int]:
+    """Bytes of input each unit covers (a parquet unit: its share of the file), for the ETA."""
+    per_file = Counter(u.path for u in units)
+    return {u.index: sizes[u.path] // per_file[u.path] if u.path.endswith(".parquet")
+            else (u.end if u.end >= 0 else sizes[u.path]) - u.start for u in units}
 
 
 def _trained_tokenizer(units: list[Unit], field: str, vocab_size: int, out: storage.Path,
-                       scratch: str, report) -> str:
+                       scratch: str, report, cluster) -> str:
     """A local path to the BPE trained on the sources and kept in `out` (trained once)."""
     path = out / TRAINED_TOKENIZER
     if path.is_file():
         report(f"using the tokenizer trained earlier: {path}")
         return _local_file(os.fspath(path), scratch)
-    report(f"training a byte-level BPE of {vocab_size} tokens on the sources")
-    texts = (text for unit in units for text, _ in iter_documents(unit, field, _Counts()))
+    budget = sample_budget(units)
+    report(f"training a byte-level BPE of {vocab_size} tokens on the sources (at most the "
+           f"first {budget / 1e6:,.1f} MB of each of the {len(units)} shards)")
     local = pathlib.Path(scratch, TRAINED_TOKENIZER)
-    train_bpe(texts, vocab_size, local)
+    if cluster is None:
+        texts = (text for unit in units for text in tokenizer_sample(unit, field, budget))
+        train_bpe(texts, vocab_size, local)
+    else:
+        local.write_bytes(cluster.train_tokenizer(units, field, vocab_size, budget))
     storage.write_atomically(path, local.read_bytes())
     return os.fspath(local if storage.is_remote(path) else path)
 
@@ -469,9 +552,9 @@ def _manifest(tokenizer: Tokenizer, records: list[dict[str, Any]],
     }
 
 
-def _warn_about_input(manifest: dict[str, Any], report) -> None:
+def _warn_about_input(manifest: dict[str, Any], sizes: dict[str, int], report) -> None:
     for source in manifest["sources"]:
-        if file_size(source) == 0:
+        if sizes[source] == 0:
             report(f"warning: {source} is empty; it adds no document")
     for record in manifest["shards"]:
         if record["replaced_bytes"]:
@@ -495,12 +578,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-tokenizer", type=int, default=0, metavar="VOCAB_SIZE",
                         help="train a byte-level BPE on the sources and save it beside the data")
     parser.add_argument("--text-field", default="text", help="field of .jsonl records")
-    parser.add_argument("--workers", type=int, default=None, help="default: all cores")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="worker processes (default: all cores); with --ray, the most "
+                             "tasks at once (default: twice the cluster's CPUs)")
     parser.add_argument("--shard-mb", type=float, default=64.0, help="raw MB per shard")
+    parser.add_argument("--ray", nargs="?", const="auto", default=None, metavar="ADDRESS",
+                        help="run the shards as tasks of a Ray cluster: its address, or none "
+                             "to join the cluster this job was submitted to (RAY_ADDRESS) or "
+                             "the one started on this host ('ray start --head')")
     args = parser.parse_args(argv)
     try:
         manifest = prepare(args.sources, args.out, args.tokenizer, args.text_field,
-                           args.workers, args.shard_mb, args.train_tokenizer)
+                           args.workers, args.shard_mb, args.train_tokenizer, ray=args.ray)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
