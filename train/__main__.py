@@ -8,12 +8,12 @@ import sys
 
 from train import process
 
-with process.started():  # before JAX and the checkpoint libraries: see train/process
+with process.started() as KEPT:  # before JAX and the checkpoint libraries: see train/process
     import checkpoint
     import configs
     import input as data_input
     import sharding
-    from train.loop import run
+    from train.loop import run, say
     from train.process import distributed
     from train.process.run_lock import RunDirInUseError
 
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = configs.load(args.config, args.overrides)
         distributed.initialize(config.distributed)  # before anything starts a JAX backend
+        say(process.describe(KEPT))
         run(config)
     except USER_ERRORS as e:
         print(f"error: {e}{_expiry(e)}", file=sys.stderr)
