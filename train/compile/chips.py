@@ -9,8 +9,10 @@ program take (it says so when a program does not fit), a little under the chip's
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 
 import jax
 from jax.experimental import topologies
@@ -40,19 +42,52 @@ CHIPS = {
 }
 
 
+# Device kinds as TPU devices name themselves.
+_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5p": "v5p",
+          "TPU v5": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e"}
+
+
 def chip(tpu_slice: Slice) -> Chip:
     return CHIPS[tpu_slice.generation.name]
 
 
+def generation_of(device: jax.Device) -> str | None:
+    """"v5e" for a device of kind "TPU v5 lite", ...; None for other devices."""
+    return _KINDS.get(device.device_kind)
+
+
 def devices(tpu_slice: Slice, num_slices: int = 1) -> list[jax.Device]:
     """The devices of `num_slices` such slices, to lay a mesh over and compile for."""
+    with _libtpu_told_the_target(tpu_slice):
+        return list(topologies.get_topology_desc(
+            platform="tpu", topology_name=tpu_slice.topology_name,
+            chip_config_name=tpu_slice.generation.chip_config,
+            chips_per_host_bounds=tpu_slice.chips_per_host_bounds,
+            num_slices=num_slices).devices)
+
+
+# What libtpu otherwise reads from a TPU VM's metadata server when it starts, and prints
+# errors without: the slice's type and its workers. Compiling needs neither, nor a query.
+_TARGET_ENVIRONMENT = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_SKIP_MDS_QUERY")
+
+
+@contextlib.contextmanager
+def _libtpu_told_the_target(tpu_slice: Slice) -> Iterator[None]:
+    before = {name: os.environ.get(name) for name in _TARGET_ENVIRONMENT}
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", tpu_slice.accelerator_type)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     # libtpu locks a file for its process; compiling beside another process (a second
     # compile, a test) is safe, as no TPU is touched.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    return list(topologies.get_topology_desc(
-        platform="tpu", topology_name=tpu_slice.topology_name,
-        chip_config_name=tpu_slice.generation.chip_config,
-        chips_per_host_bounds=tpu_slice.chips_per_host_bounds, num_slices=num_slices).devices)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def slice_of_device(devices_in_order: list[jax.Device]) -> list[int]:

@@ -117,13 +117,13 @@ class _Module:
         self.computations: dict[str, list[_Instruction]] = {}
         self.entry = ""
         current = None
-        for line in text.splitlines():
-            header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
-            if header and not line.startswith(" "):
+        for line in text.splitlines():  # a kernel's metadata may span lines
+            header = re.match(r"^(ENTRY )?%([\w.\-]+) \(.*\{$", line)
+            if header:
                 current = header.group(2)
                 self.computations[current] = []
                 self.entry = current if header.group(1) else self.entry
-            elif line.startswith("}"):
+            elif line.rstrip() == "}":
                 current = None
             elif current is not None:
                 instruction = _parse_instruction(line, current)
@@ -309,8 +309,9 @@ def _classify(instruction: _Instruction, slice_of_device: Sequence[int],
         return None, "", ""
     if kind == "all-reduce" and instruction.computation.startswith("all-reduce-scatter"):
         kind = "reduce-scatter"
+    # The compiler may give a combined reduce-scatter the channel of a plain one beside it.
     channel = re.search(r"channel_id=(\d+)", attributes)
-    identity = channel.group(1) if channel else ""
+    identity = f"{channel.group(1)}/{instruction.opcode}" if channel else ""
     network = "dcn" if _spans_slices(instruction, slice_of_device) else "ici"
     return kind, network, identity
 

@@ -59,9 +59,11 @@ def key(config: dict[str, Any], devices: Sequence[jax.Device]) -> str:
         "versions": [jax.__version__, jaxlib.__version__, flax.__version__, optax.__version__],
         "devices": [(d.id, d.platform, d.device_kind, d.process_index) for d in devices],
         "platform_version": devices[0].client.platform_version,
-        "host": [platform.machine(), _cpu_flags()],
-        "environment": [os.environ.get(name, "") for name in _ENVIRONMENT],
-        "jax_config": {k: repr(v) for k, v in sorted(jax.config.values.items())},
+        "host": _host(devices[0].platform),
+        "environment": [_flags(os.environ.get(name, ""), devices[0].platform)
+                        for name in _ENVIRONMENT],
+        "jax_config": {k: repr(v) for k, v in sorted(jax.config.values.items())
+                       if not k.startswith(_WHERE_NOT_WHAT)},
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -122,6 +124,29 @@ def _last_used(path: pathlib.Path) -> float:
         return path.stat().st_mtime
     except FileNotFoundError:  # pruned meanwhile by another run sharing the directory
         return 0.0
+
+
+# JAX settings that say where a program runs and is cached, not what it is: a TPU step
+# compiled ahead of time on a CPU host (`python -m train.aot --save`) has the host's.
+_WHERE_NOT_WHAT = ("jax_platform", "jax_compilation_cache", "jax_persistent_cache",
+                   "jax_raise_persistent_cache_errors", "jax_explain_cache_misses",
+                   "jax_num_cpu_devices", "jax_cuda_visible_devices", "jax_rocm_visible_devices",
+                   "jax_oneapi_visible_devices", "jax_default_device")
+
+
+def _host(backend: str) -> list[str]:
+    """Code compiled for one CPU may not run on another; a TPU or GPU program does not run
+    on the host's CPU, wherever it was compiled."""
+    return [platform.machine(), _cpu_flags()] if backend == "cpu" else []
+
+
+def _flags(flags: str, backend: str) -> str:
+    """XLA_FLAGS as they bear on `backend`'s programs: XLA:CPU's own flags and the count
+    of host devices do not change a TPU or GPU program."""
+    if backend == "cpu":
+        return flags
+    return " ".join(f for f in flags.split()
+                    if not f.startswith(("--xla_cpu", "--xla_force_host_platform")))
 
 
 def _cpu_flags() -> str:

@@ -16,7 +16,7 @@ import configs
 import sharding
 from configs.schema import Config
 from train import state as train_state
-from train.compile import executables, jax_cache
+from train.compile import chips, executables, jax_cache
 from train.optimizer import lr_schedule
 from train.step import train_step
 
@@ -43,6 +43,11 @@ class StepMemory:
         return (f"arguments {self.arguments / gib:.2f} GiB + temporaries "
                 f"{self.temporaries / gib:.2f} GiB + outputs not aliased "
                 f"{(self.outputs - self.aliased) / gib:.2f} GiB = total {self.total / gib:.2f} GiB")
+
+
+class OutOfMemory(configs.ConfigError):
+    """The step cannot fit in a device's memory: the compiler refused it, or its buffers
+    exceed what a device has."""
 
 
 @dataclasses.dataclass
@@ -75,7 +80,7 @@ def compile_train_step(config: Config, mesh: jax.sharding.Mesh, tx: Any,
         source = "saved executable"
     else:
         hits = jax_cache.hits()
-        compiled = _lower(config, mesh, tx, target).compile()
+        compiled = compile_or_refuse(_lower(config, mesh, tx, target))
         source = "compilation cache" if jax_cache.hits() > hits else "compiled"
         if saved and source == "compiled":  # see executables.save
             executables.save(saved, digest, compiled, report)
@@ -103,6 +108,17 @@ def _lower(config: Config, mesh: jax.sharding.Mesh, tx: Any,
         return jitted.lower(target, batch_shapes)
 
 
+def compile_or_refuse(lowered: jax.stages.Lowered) -> Any:
+    """`lowered.compile()`; the TPU compiler's out-of-memory refusal as `OutOfMemory`."""
+    try:
+        return lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        detail = str(e).split("\n", 1)[0].removeprefix("RESOURCE_EXHAUSTED: ").rstrip(".")
+        raise OutOfMemory(f"the train step does not fit: {detail}; {_WHAT_TO_CHANGE}") from None
+
+
 def step_memory(compiled: Any) -> StepMemory | None:
     """Per-device memory of a compiled executable, if the backend reports it."""
     try:
@@ -116,8 +132,16 @@ def step_memory(compiled: Any) -> StepMemory | None:
 
 
 def device_memory_bytes(device: jax.Device) -> int | None:
-    """Memory the device lets programs use (GPU/TPU); None where unknown (CPU)."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    """Memory the device lets programs use (GPU/TPU); None where unknown (CPU).
+
+    A device of a slice compiled for ahead of time is not this process's to ask: its
+    chip's usable HBM is taken from the table in `chips`.
+    """
+    try:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    except jax.errors.JaxRuntimeError:  # "only supported for addressable devices"
+        generation = chips.generation_of(device)
+        return chips.CHIPS[generation].usable_bytes if generation else None
     return (stats or {}).get("bytes_limit")
 
 
@@ -125,8 +149,11 @@ def check_fits(memory: StepMemory, limit: int | None) -> None:
     """Raise before the first step, rather than fail in it, if the step cannot fit."""
     if limit is None or memory.total <= limit:
         return
-    raise configs.ConfigError(
+    raise OutOfMemory(
         f"the train step needs {memory.total / 2**30:.2f} GiB per device "
-        f"({memory.describe()}) but a device has {limit / 2**30:.2f} GiB; shard more "
-        "(mesh.fsdp, mesh.tensor), recompute activations (model.remat=full), split the batch "
-        "(train.microbatches) or make it smaller (train.batch_size, data.seq_len)")
+        f"({memory.describe()}) but a device has {limit / 2**30:.2f} GiB; {_WHAT_TO_CHANGE}")
+
+
+_WHAT_TO_CHANGE = ("shard more (mesh.fsdp, mesh.tensor), recompute activations "
+                   "(model.remat=full), split the batch (train.microbatches) or make it smaller "
+                   "(train.batch_size, data.seq_len)")
