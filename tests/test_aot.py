@@ -195,6 +195,7 @@ _TOO_BIG = ["--topology", "v5e-4", "--config", "tiny", "model.embed_dim=8192",
             "model.mlp_dim=32768", "model.num_layers=2", "train.batch_size=4", "data.seq_len=128"]
 
 
+@pytest.mark.slow
 def test_a_step_that_cannot_fit_is_refused_with_compiled_suggestions(capsys):
     assert aot.main(_TOO_BIG) == 2
     out, err = capsys.readouterr()
@@ -207,3 +208,19 @@ def test_a_step_that_cannot_fit_is_refused_with_compiled_suggestions(capsys):
     assert re.match(r"  1\. model\.remat=full +does not fit: ", lines[2])
     assert re.match(r"  2\. mesh\.data=1 mesh\.fsdp=-1 +fits: [\d.]+ GiB a chip$", lines[3])
     assert len(lines) == 4
+
+
+def test_two_slices_compile_with_the_gradient_summed_over_dcn(capsys):
+    assert aot.main(["--topology", "v5e-4", "--slices", "2", "--config", "tiny",
+                     "mesh.data=1", "mesh.fsdp=-1", "mesh.dcn_data=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("slice: v5e-4 x 2 slices (v5e:2x2): 8 chips on 2 host(s)\n")
+    assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in out
+    assert re.search(r"\n  DCN: all-reduce \d+ x = [\d.]+ MiB", out)
+    assert re.search(r"\n  DCN total [\d.]+ MiB, [\d.]+ MiB sent: [\d.]+ ms at 3\.1 GB/s", out)
+
+
+def test_slices_without_dcn_ways_are_refused_naming_the_fields(capsys):
+    assert aot.main(["--topology", "v5e-4", "--slices", "2", "--config", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "mesh.dcn_data (1) x mesh.dcn_fsdp (1) = 1" in err and "Traceback" not in err
