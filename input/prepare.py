@@ -567,6 +567,10 @@ def _warn_about_input(manifest: dict[str, Any], sizes: dict[str, int], report) -
         raise DataError("the sources hold no text: the prepared dataset would be empty")
 
 
+def _is_a_source(name: str) -> bool:
+    return storage.is_remote(name) or os.path.exists(name) or any(c in name for c in "*?[")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m input.prepare", description=__doc__.split(
         "\n")[0])
@@ -587,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
                              "to join the cluster this job was submitted to (RAY_ADDRESS) or "
                              "the one started on this host ('ray start --head')")
     args = parser.parse_args(argv)
+    if args.ray is not None and _is_a_source(args.ray):
+        parser.error(f"--ray took {args.ray!r}, a source, as the cluster's address: put --ray "
+                     "after the sources, or write --ray=ADDRESS")
     try:
         manifest = prepare(args.sources, args.out, args.tokenizer, args.text_field,
                            args.workers, args.shard_mb, args.train_tokenizer, ray=args.ray)

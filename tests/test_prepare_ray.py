@@ -178,3 +178,15 @@ assert main([{str(tmp_path / 'a.jsonl')!r}, '--out', {str(tmp_path / 'o2')!r}, '
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "error: --ray needs Ray: pip install 'io-first-lm[ray]'" in done.stderr
+
+
+@pytest.mark.parametrize("first", ["a.jsonl", "gs://bucket/raw/", "raw/*.jsonl"])
+def test_a_source_after_ray_is_not_taken_for_its_address(tmp_path, monkeypatch, capsys, first):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.jsonl").write_bytes(_jsonl(DOCS[:3]))
+    with pytest.raises(SystemExit) as exit_:
+        prepare_main(["--ray", first, "b.jsonl", "--out", "out"])
+    assert exit_.value.code == 2
+    assert (f"--ray took '{first}', a source, as the cluster's address: put --ray after the "
+            "sources, or write --ray=ADDRESS") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
