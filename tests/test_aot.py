@@ -139,6 +139,7 @@ def fsdp_tiny():
     return aot.compile_for_slice(configs.load("tiny", _FSDP_TINY), topology.parse("v5e-4"))
 
 
+@pytest.mark.slow
 def test_the_train_step_moves_at_most_its_fsdp_minimum(fsdp_tiny):
     params = sum(x.size for x in jax.tree.leaves(model.abstract_params(fsdp_tiny.config.model)))
     minimum = 3 * 2 * params  # bf16 parameters gathered twice, gradient scattered once
@@ -153,6 +154,7 @@ def test_the_train_step_moves_at_most_its_fsdp_minimum(fsdp_tiny):
     assert fsdp_tiny.communication.total("dcn").count == 0
 
 
+@pytest.mark.slow
 def test_the_report_says_what_a_chip_holds_and_moves(fsdp_tiny):
     lines = aot.describe(fsdp_tiny)
     text = "\n".join(lines)
@@ -166,6 +168,7 @@ def test_the_report_says_what_a_chip_holds_and_moves(fsdp_tiny):
     assert re.search(r"ICI total .* ms at 200\.0 GB/s", text)
 
 
+@pytest.mark.slow
 def test_a_saved_step_is_keyed_without_the_compiling_hosts_cpu(fsdp_tiny, tmp_path,
                                                                monkeypatch):
     path = aot.save(fsdp_tiny, tmp_path)
@@ -210,6 +213,7 @@ def test_a_step_that_cannot_fit_is_refused_with_compiled_suggestions(capsys):
     assert len(lines) == 4
 
 
+@pytest.mark.slow
 def test_two_slices_compile_with_the_gradient_summed_over_dcn(capsys):
     assert aot.main(["--topology", "v5e-4", "--slices", "2", "--config", "tiny",
                      "mesh.data=1", "mesh.fsdp=-1", "mesh.dcn_data=2"]) == 0

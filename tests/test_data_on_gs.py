@@ -53,6 +53,7 @@ def dataset(tmp_path, bucket):
     return _prepared(tmp_path, bucket, "data", DOCS)
 
 
+@pytest.mark.slow
 def test_run_from_a_bucket_has_the_losses_of_the_same_data_on_disk(tmp_path, bucket):
     """Mixture, eval_path and tokenizer all from the bucket: the same losses to the bit."""
     train_bpe(iter(DOCS), 262, tmp_path / "tokenizer.json")
@@ -112,6 +113,7 @@ def test_prepared_stream_in_a_bucket_pickles_without_its_data(dataset):
     assert len(payload) < 2000 and np.array_equal(pickle.loads(payload)[5:300], whole[5:300])
 
 
+@pytest.mark.slow
 def test_grain_worker_process_reads_the_bucket_as_the_disk(dataset):
     tokenizer = get_tokenizer()
 

@@ -29,6 +29,7 @@ def local_run(tmp_path_factory):
     return final_state(run_dir, CONFIG)
 
 
+@pytest.mark.slow
 def test_a_server_stopped_mid_save_is_one_named_error_and_the_run_resumes_after(
         gcs_server, bucket, local_run):
     run_dir = f"{bucket}/run"
@@ -65,6 +66,7 @@ def test_a_server_stopped_mid_save_is_one_named_error_and_the_run_resumes_after(
     assert_same_state(local_run[1], state)
 
 
+@pytest.mark.slow
 def test_503s_and_delays_are_retried_and_every_step_restores_right(
         gcs_server, bucket, saved_run):
     """Six steps, saved every two: through a proxy failing a tenth of the requests with 503

@@ -115,6 +115,7 @@ def _mesh_axes(axes: tuple[str, ...]) -> str | tuple[str, ...] | None:
     return axes[0] if len(axes) == 1 else (axes or None)
 
 
+@pytest.mark.slow
 def test_two_cpu_slices_train_as_one_slice_of_the_same_layout(tmp_path):
     layouts = {"one slice": ("mesh.data=4", "mesh.fsdp=2"),
                "two slices": ("mesh.data=2", "mesh.fsdp=2", "mesh.dcn_data=2")}

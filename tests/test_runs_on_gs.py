@@ -5,6 +5,7 @@ import pathlib
 
 import jax
 import numpy as np
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import storage
@@ -24,6 +25,7 @@ def _scalars(directory) -> dict[str, list[tuple[int, float]]]:
             for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_a_run_in_a_bucket_stops_resumes_and_ends_as_the_same_run_on_disk(
         bucket, saved_run, tmp_path, capsys):
     run_dir = f"{bucket}/run"

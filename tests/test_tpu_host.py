@@ -78,6 +78,7 @@ def _train(tmp_path, name: str, jax_platforms: str | None) -> tuple[str, float]:
 
 @pytest.mark.skipif(not LIBTPU, reason="libtpu is not installed")
 @pytest.mark.skipif(platforms.tpu_chips_present(), reason="this host has TPU chips")
+@pytest.mark.slow
 def test_a_cpu_host_with_libtpu_trains_on_its_cpu_as_without_it(tmp_path):
     output, seconds = _train(tmp_path, "unset", None)
     libtpu_lines = [line for line in output.splitlines()

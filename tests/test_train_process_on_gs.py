@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 import storage
 from checkpoint import Checkpointer, checkpoint_dir, complete_steps
@@ -82,6 +83,7 @@ def assert_same_state(a, b) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_a_cli_run_in_a_bucket_is_stopped_refused_killed_and_resumed_to_the_local_run(
         bucket, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("IO_FIRST_LM_LOCK_LEASE_S", str(LEASE_S))
