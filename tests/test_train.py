@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from checkpoint import checkpoint_dir, complete_steps
 from conftest import TINY_OVERRIDES, tiny_config
 from observe import goodput, metrics_log
 from train import run
@@ -141,3 +142,16 @@ def test_log_lines_carry_the_checkpoint_blocking_of_their_interval(logged_run):
     records = {r["step"]: r for r in metrics_log.read(logged_run[0]) if "loss" in r}
     assert records[1]["checkpoint_blocked_ms"] == 0.0  # no save before step 1's line
     assert records[4]["checkpoint_blocked_ms"] > 0.0  # the step-4 save
+    # The last line of each part waits for its own save: step 2 (stop_after), step 6 (end).
+    assert records[2]["checkpoint_blocked_ms"] > 0.0
+    assert records[6]["checkpoint_blocked_ms"] > 0.0
+
+
+def test_a_non_finite_last_loss_stops_the_run_before_its_state_is_saved(tmp_path):
+    # A learning rate of 1e30: step 2's gradient is not finite, so step 3's loss is NaN.
+    config = tiny_config("train.steps=3", "checkpoint.every=100", "optim.warmup_steps=0",
+                         "optim.learning_rate=1e30", "train.eval_batches=0",
+                         f"run_dir={tmp_path}")
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3; stopping"):
+        run(config)
+    assert complete_steps(checkpoint_dir(tmp_path)) == []

@@ -74,8 +74,8 @@ class Meter:
 
 class Logger:
     """A log line, a metrics.jsonl record and TensorBoard scalars at step 1, every
-    train.log_every steps and the last. A step's metrics are fetched once the next step
-    is dispatched, so the device never idles for the host."""
+    train.log_every steps and the last (`after_save`). A step's metrics are fetched once
+    the next step is dispatched, so the device never idles for the host."""
 
     def __init__(self, config: Config, mesh: jax.sharding.Mesh, meter: Meter, log: MetricsLog,
                  console: Console, say: Callable[[str], None]):
@@ -92,15 +92,25 @@ class Logger:
                                                 first=True):
             self._report(self.pending)
         self.pending = done
-        if done.last:  # the final figures do not wait for the final save
+        if done.last:  # a non-finite last loss stops the run before its state is saved
+            self._values(done)
+
+    def after_save(self, done: StepDone) -> None:
+        """The last step's line, written once its save has blocked the loop: its
+        checkpoint_blocked_ms counts that save, as every other line counts its interval's."""
+        if done.last:
             self._report(done)
             self.pending = None
 
-    def _report(self, done: StepDone) -> None:
+    def _values(self, done: StepDone) -> dict[str, float]:
         values = {k: float(v) for k, v in jax.device_get(done.metrics).items()}
         if not math.isfinite(values["loss"]):
             raise FloatingPointError(f"loss is {values['loss']} at step {done.step}; "
                                      "stopping the run")
+        return values
+
+    def _report(self, done: StepDone) -> None:
+        values = self._values(done)
         self.losses[done.step] = values["loss"]
         interval = self.meter.interval(done.step, time.perf_counter())
         elapsed, steps = max(interval.seconds, 1e-9), max(interval.steps, 1)

@@ -268,7 +268,8 @@ def _train(config: Config, mesh: jax.sharding.Mesh, step_fn: StepFn | None, stat
             bar as progress_bar:
         logger = actions.Logger(config, mesh, meter, log, _console, say)
         evaluating = actions.Evaluating(config, evaluator, clock, log, _console)
-        after_step = [logger, actions.Saver(config, ckpt, preemption, clock, meter), evaluating]
+        saver = actions.Saver(config, ckpt, preemption, clock, meter)
+        after_step = [logger, saver, logger.after_save, evaluating]
         with clock.phase("productive steps") as loop:
             for step in range(start + 1, end + 1):
                 profiler.before_step(step, state)
